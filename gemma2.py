@@ -1,0 +1,448 @@
+"""Gemma 2 in one file: config, model, KV cache and generation.
+
+Gemma 2: Improving Open Language Models at a Practical Size, arXiv 2408.00118;
+it builds on Gemma, arXiv 2403.08295. Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
+attention (arXiv 1911.02150, 2305.13245), GeGLU (arXiv 2002.05202), RMSNorm
+(arXiv 1910.07467). Parameter names equal the Hugging Face state-dict names,
+so a `transformers` checkpoint loads without renaming (see weights.py).
+
+What differs from Gemma 1 (`diff gemma.py gemma2.py` shows exactly this):
+  - local and global attention alternate: even layers see only the last
+    `sliding_window` (4096) positions, odd layers see everything (sec. 2);
+  - attention logits are soft-capped, cap * tanh(logits / cap) with cap 50,
+    and so are the final logits, with cap 30 (sec. 2);
+  - queries are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+    (the two differ for the 27B model: 144 against 128);
+  - "sandwich" norms: each block normalises both the input and the output of
+    attention and of the MLP, four RMSNorms instead of two (sec. 2);
+  - grouped-query attention in every size (num_key_value_heads = N / 2).
+What stays as in Gemma 1: the sqrt(hidden_size) embedding scale, the tied LM
+head, RMSNorm with (1 + weight), GeGLU with the tanh GELU, RoPE, head_dim as
+its own setting, the 256000-token vocabulary.
+
+Shape legend: B batch, T query length, S key length (cache size), D hidden,
+N query heads, K key/value heads, H head_dim, F ffn, V vocab, L layers.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Gemma2Config:
+    vocab_size: int = 256000  # V; SentencePiece pieces
+    hidden_size: int = 2304  # D; the width of the residual stream
+    intermediate_size: int = 9216  # F; the width of the MLP
+    num_hidden_layers: int = 26  # L
+    num_attention_heads: int = 8  # N
+    num_key_value_heads: int = 4  # K; N / K query heads share a key/value head
+    head_dim: int = 256  # H; not hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192  # the longest sequence it was trained on
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    bos_token_id: int = 2
+    query_pre_attn_scalar: float = 256  # queries are scaled by its -1/2 power
+    sliding_window: int = 4096  # how far back a local layer sees
+    attn_logit_softcapping: float | None = 50.0  # None: no cap
+    final_logit_softcapping: float | None = 30.0  # None: no cap
+    # "sliding_attention" or "full_attention" for each layer; None: local on the
+    # even layers and global on the odd ones, as in the released models.
+    layer_types: list | None = None
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
+
+    @classmethod
+    def from_hf(cls, d):
+        """The config from a parsed Hugging Face config.json (both layouts)."""
+        d = dict(d)
+        # transformers 5 nests rope_theta in rope_parameters; the Hub files of the
+        # official models keep it at the top level.
+        if "rope_parameters" in d and d["rope_parameters"]:
+            rope = d["rope_parameters"]
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"unsupported rope_type {rope['rope_type']!r}")
+            d["rope_theta"] = rope["rope_theta"]
+        # The tanh GELU, whichever of the two keys names it (HF PR #29402).
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {act!r}: Gemma uses the tanh GELU")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Hugging Face config.json values of the official checkpoints (GEMMA_FACTS.md).
+CONFIGS = {
+    "gemma-2-2b": Gemma2Config(),
+    "gemma-2-9b": Gemma2Config(
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
+    "gemma-2-27b": Gemma2Config(
+        hidden_size=4608,
+        intermediate_size=36864,
+        num_hidden_layers=46,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        # hidden_size / num_attention_heads = 144, not head_dim = 128 (llama.cpp
+        # PR #8444; the official gemma_pytorch config and the Hub config.json).
+        query_pre_attn_scalar=144,
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        # In float32, and the weight applied as (1 + w) in float32 before the cast
+        # back: casting first and then multiplying changes bf16 results
+        # (HF PR #29402, gemma_pytorch PR #67).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """Rotate each (i, i + H/2) pair of x by its angle ("rotate half", HF layout).
+
+    x (B, N, T, H); cos, sin (B, 1, T, H/2). Computed in float32 (RoFormer eq. 34).
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, N, T, H/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, N, T, H)
+    return out.to(x.dtype)
+
+
+def rope_angles(positions, head_dim, theta):
+    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, H/2)
+    return angles.cos(), angles.sin()
+
+
+def softcap(x, cap):
+    """cap * tanh(x / cap): close to x for |x| << cap, never beyond +-cap (sec. 2)."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def attention_mask(query_slots, key_len, pad, window=None):
+    """Which keys each query may see: (B, 1, T, S) booleans, True = visible.
+
+    Query t sits in cache slot query_slots[t]; it sees slots j <= its own, except
+    the left padding of its row (slots j < pad[b]). With a window W it sees only
+    the last W slots, i - W < j <= i (HF #31781 is this bound off by one).
+    Global (left) and sliding with W = 3 (right), "x" = visible:
+
+        key    0 1 2 3 4 5          key    0 1 2 3 4 5
+        q 0    x . . . . .          q 0    x . . . . .
+        q 1    x x . . . .          q 1    x x . . . .
+        q 2    x x x . . .          q 2    x x x . . .
+        q 3    x x x x . .          q 3    . x x x . .
+        q 4    x x x x x .          q 4    . . x x x .
+        q 5    x x x x x x          q 5    . . . x x x
+
+    Left padding hides the first pad[b] columns of row b in both.
+    """
+    i = query_slots[:, None]  # (T, 1)
+    j = torch.arange(key_len, device=query_slots.device)[None, :]  # (1, S)
+    visible = j <= i  # (T, S)
+    if window is not None:
+        visible = visible & (j > i - window)
+    not_pad = j >= pad[:, None]  # (B, S)
+    return (visible[None, :, :] & not_pad[:, None, :])[:, None]  # (B, 1, T, S)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for every slot of the sequence, preallocated.
+
+    Sized once to prompt + new tokens, written in place: no reallocation while
+    decoding, and fixed shapes, which torch.compile and CUDA graphs need.
+
+    Local layers keep the full length too and hide old keys with the window mask.
+    A ring buffer of `sliding_window` slots would use less memory once the
+    sequence is longer than the window (at 8192 tokens and a 4096 window, the
+    cache would shrink to 3/4), but it needs its own slot arithmetic and a mask
+    per layer type; the full cache is exact by construction and the same code as
+    Gemma 1's.
+    """
+
+    def __init__(self, batch, kv_heads, length, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, length, head_dim)  # (B, K, S, H)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots, k, v):
+        self.k[:, :, slots] = k  # k, v (B, K, T, H) into slots (T,)
+        self.v[:, :, slots] = v
+        return self.k, self.v  # (B, K, S, H)
+
+
+class Gemma2Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        self.q_proj = nn.Linear(D, N * H, bias=False)
+        self.k_proj = nn.Linear(D, K * H, bias=False)
+        self.v_proj = nn.Linear(D, K * H, bias=False)
+        self.o_proj = nn.Linear(N * H, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, slots, cache=None):
+        B, T, _ = x.shape
+        N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
+        k = self.k_proj(x).view(B, T, K, H).transpose(1, 2)  # (B, K, T, H)
+        v = self.v_proj(x).view(B, T, K, H).transpose(1, 2)  # (B, K, T, H)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(slots, k, v)  # (B, K, S, H)
+        # Multi-query / grouped-query attention: each key/value head serves N // K
+        # query heads (arXiv 2305.13245).
+        k = k.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
+        v = v.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
+
+        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, N, T, S)
+        # Soft-cap before the mask; this is why Gemma 2 cannot use
+        # F.scaled_dot_product_attention (HF PR #32865).
+        scores = softcap(scores, self.softcap)
+        # The most negative float rather than -inf: a query that sees nothing (a
+        # left-padding slot) then averages instead of producing NaN.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # Softmax in float32, then back to the activation dtype, as in HF eager.
+        probs = scores.softmax(dim=-1).to(q.dtype)  # (B, N, T, S)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
+        return self.o_proj(out)  # (B, T, D)
+
+
+class Gemma2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x):
+        # GeGLU (arXiv 2002.05202) with the tanh approximation of GELU.
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma2DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Gemma2Attention(config)
+        self.post_attention_layernorm = RMSNorm(D, eps)  # after attention, as named
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp = Gemma2MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+
+    def forward(self, x, cos, sin, mask, slots, cache=None):
+        # "Sandwich" norms: each sub-block's output is normalised before it joins
+        # the residual stream (Gemma 2 paper sec. 2).
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x
+
+
+class Gemma2Model(nn.Module):
+    """The body: token ids (B, T) to final normed hidden states (B, T, D)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Gemma2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, tokens, slots=None, cache=None, pad=None):
+        """tokens (B, T). Without a cache, a plain causal forward over T tokens.
+
+        With `cache` (one KVCache per layer), `slots` (T,) are the cache slots the
+        tokens fill, and `pad` (B,) counts the left-padding slots of each row,
+        which no query sees and which shift that row's RoPE positions.
+        """
+        B, T = tokens.shape
+        if slots is None:
+            slots = torch.arange(T, device=tokens.device)
+        if pad is None:
+            pad = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        key_len = cache[0].k.shape[2] if cache is not None else T
+        masks = {
+            "full_attention": attention_mask(slots, key_len, pad),  # (B, 1, T, S)
+            "sliding_attention": attention_mask(slots, key_len, pad, self.config.sliding_window),
+        }
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        # Scale by sqrt(D), the scalar cast to the activation dtype first: in bf16
+        # sqrt(3072) = 55.4256 becomes 55.5, and that is the reference (HF PR #29402).
+        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        for i, layer in enumerate(self.layers):
+            mask = masks[self.config.layer_types[i]]
+            x = layer(x, cos, sin, mask, slots, cache[i] if cache is not None else None)
+        return self.norm(x)  # (B, T, D)
+
+
+class Gemma2ForCausalLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Gemma2Model(config)
+
+    def forward(self, tokens, slots=None, cache=None, pad=None):
+        x = self.model(tokens, slots, cache, pad)  # (B, T, D)
+        # The LM head is the embedding matrix (tied weights, Gemma paper sec. 2).
+        logits = F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, V)
+        return softcap(logits, self.config.final_logit_softcapping)
+
+    def make_cache(self, batch, length):
+        """One preallocated KVCache per layer, in the dtype and device of the model."""
+        c, w = self.config, self.model.embed_tokens.weight
+        return nn.ModuleList(
+            KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
+            for _ in range(c.num_hidden_layers)
+        )
+
+
+def sample(logits, temperature, top_k, top_p):
+    """One token per row from the last-position logits (B, V): greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p
+        # (nucleus sampling, arXiv 1904.09751).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]  # (B,)
+
+
+def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
+    """Refuse, with a message, what would otherwise fail deep inside torch."""
+    V, max_len = model.config.vocab_size, model.config.max_position_embeddings
+    for p in prompts:
+        if len(p) == 0:
+            raise ValueError("empty prompt: a Gemma prompt starts with at least the <bos> token")
+        bad = [t for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(
+                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
+                f"the model's {max_len} positions"
+            )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, decode_step=None):
+    """Yield one new token per prompt (B,) at each step; prompts is a list of lists.
+
+    Prompts of different lengths are left-padded into one batch: every row then
+    writes its n-th new token into the same cache slot, and the padding is
+    masked out and shifts that row's RoPE positions (see attention_mask).
+    `decode_step` replaces the one-token forward (generate's compile=True).
+    """
+    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    device = model.model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
+    cache = model.make_cache(B, T + max_new_tokens)
+    decode_step = decode_step or model
+
+    logits = model(tokens, torch.arange(T, device=device), cache, pad)  # prefill (B, T, V)
+    token = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
+    yield token
+    for slot in range(T, T + max_new_tokens - 1):
+        slots = torch.tensor([slot], device=device)
+        logits = decode_step(token[:, None], slots, cache, pad)  # (B, 1, V)
+        token = sample(logits[:, -1], temperature, top_k, top_p)
+        yield token
+
+
+def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_tokens=(), compile=False):
+    """New tokens for one prompt (list of ints) or a batch (list of lists).
+
+    A prompt stops after max_new_tokens or after one of its stop tokens, which is
+    kept. compile=True runs the one-token decode step through torch.compile.
+    """
+    single = len(tokens) > 0 and isinstance(tokens[0], int)
+    prompts = [list(tokens)] if single else [list(p) for p in tokens]
+    decode_step = torch.compile(model, dynamic=False) if compile else None
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    if max_new_tokens > 0:
+        for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, decode_step):
+            for row, t in enumerate(step.tolist()):
+                if not done[row]:
+                    out[row].append(t)
+                    done[row] = t in stop_tokens
+            if all(done):
+                break
+    return out[0] if single else out
+
+
+# Classifier heads, as in transformers: the same body, a linear "score" head,
+# and no final soft-cap.
+
+
+class Gemma2ForSequenceClassification(nn.Module):
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.config = config
+        self.model = Gemma2Model(config)
+        self.score = nn.Linear(config.hidden_size, num_labels, bias=False)
+
+    def forward(self, tokens):
+        logits = self.score(self.model(tokens))  # (B, T, num_labels)
+        # Pool at the rightmost token that is not padding (the last token when the
+        # config has no pad id), as transformers does.
+        T = tokens.shape[1]
+        if self.config.pad_token_id is None:
+            last = torch.full(tokens.shape[:1], T - 1, device=tokens.device)
+        else:
+            idx = torch.arange(T, device=tokens.device)  # (T,)
+            last = (idx * (tokens != self.config.pad_token_id)).argmax(dim=-1)  # (B,)
+        return logits[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, num_labels)
+
+
+class Gemma2ForTokenClassification(nn.Module):
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.config = config
+        self.model = Gemma2Model(config)
+        self.score = nn.Linear(config.hidden_size, num_labels)
+
+    def forward(self, tokens):
+        return self.score(self.model(tokens))  # (B, T, num_labels)
