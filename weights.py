@@ -1,0 +1,407 @@
+"""Read Gemma and Gemma 2 checkpoints, strictly, and write the Hugging Face layout.
+
+Two formats are read:
+  - a Hugging Face directory: config.json plus model.safetensors, or shards
+    model-0000i-of-0000n.safetensors listed in model.safetensors.index.json;
+  - the official PyTorch release (gemma_pytorch): one .ckpt holding
+    {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
+
+The model is built on the meta device (no memory), every tensor is checked
+against it (present, expected, right shape), and only then are the tensors
+read one at a time and assigned. Safetensors files are memory-mapped: a tensor
+already in the wanted dtype on the CPU is used in place (no copy at all), any
+other is converted in chunks whose file pages are released as they are done,
+so peak memory stays near the size of the loaded model.
+
+Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
+"""
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gemma
+import gemma2
+
+FAMILIES = {"gemma": gemma, "gemma2": gemma2}  # config.json "model_type" -> module
+HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and tensor."""
+
+
+# Reading safetensors
+
+
+class SafetensorsFile:
+    """A .safetensors file, memory-mapped: 8 bytes of header length (little
+    endian), a JSON header {name: {"dtype", "shape", "data_offsets"}}, the data."""
+
+    def __init__(self, path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 8:
+                raise CheckpointError(f"{path}: truncated ({size} bytes), not a safetensors file")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                raise CheckpointError(f"{path}: truncated: the header says {header_len} bytes, the file has {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
+        header.pop("__metadata__", None)
+        self.start = 8 + header_len  # where the data begins
+        self.entries = {}
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            if self.start + end > size:
+                raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {self.start + end}, the file has {size}")
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
+            self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], self.start + begin, self.start + end)
+
+    def tensor(self, name):
+        """The tensor as a view of the mapped file: no copy, no read until used."""
+        dtype, shape, begin, end = self.entries[name]
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
+
+    def release(self, name):
+        """Drop the tensor's pages from this process's memory (the file stays)."""
+        _, _, begin, end = self.entries[name]
+        page = mmap.PAGESIZE
+        begin = -(-begin // page) * page  # madvise takes whole pages inside the range
+        if end - begin >= page and hasattr(mmap, "MADV_DONTNEED"):
+            self.mm.madvise(mmap.MADV_DONTNEED, begin, (end - begin) // page * page)
+
+
+# Finding the tensors of each format
+
+
+def read_hf(directory):
+    """(config dict, {name: (file, lazy tensor)}) from a Hugging Face directory."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no config.json, so not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shard_names = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").is_file():
+        shard_names = ["model.safetensors"]
+        weight_map = None
+    else:
+        raise CheckpointError(f"{directory}: no model.safetensors and no model.safetensors.index.json")
+    tensors = {}
+    for shard_name in shard_names:
+        shard_path = directory / shard_name
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: lists {shard_name}, which is missing")
+        shard = SafetensorsFile(shard_path)
+        for name in shard.entries:
+            if weight_map is not None and weight_map.get(name) != shard_name:
+                raise CheckpointError(f"{shard_path}: holds {name}, which the index places in {weight_map.get(name)}")
+            tensors[name] = (shard, name)
+    if weight_map is not None:
+        for name, shard_name in weight_map.items():
+            if name not in tensors:
+                raise CheckpointError(f"{directory / shard_name}: tensor {name}, listed in the index, is missing")
+    return config, tensors
+
+
+def read_ckpt(path):
+    """(config dict, {name: (file, tensor)}) from an official gemma_pytorch .ckpt.
+
+    The release holds no config: it is inferred from the tensor shapes and must
+    match a preset, unless a config.json lies beside the file.
+    """
+    try:
+        # weights_only: the unpickler builds tensors and plain containers, never
+        # runs code from the file. mmap: tensors stay in the file until read.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch reports a bad zip, a refused pickle, ... in many types
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model_state_dict" not in state:
+        raise CheckpointError(f"{path}: no 'model_state_dict' in it, so not an official Gemma .ckpt")
+    sd = state["model_state_dict"]
+    if any(name.endswith("weight_scaler") for name in sd):
+        raise CheckpointError(f"{path}: an int8-quantized release, which is not supported")
+    config = official_config(path, sd)
+    # Official names -> Hugging Face names; qkv_proj rows are q, then k, then v.
+    N, K, H = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    hf = {}
+    for name, t in sd.items():
+        if name == "freqs_cis":  # the RoPE table, recomputed by the model
+            continue
+        if name == "embedder.weight":
+            hf["model.embed_tokens.weight"] = t
+        elif name.endswith("qkv_proj.weight"):
+            q, k, v = t.split([N * H, K * H, K * H], dim=0)
+            prefix = name.removesuffix("qkv_proj.weight")
+            hf[prefix + "q_proj.weight"], hf[prefix + "k_proj.weight"], hf[prefix + "v_proj.weight"] = q, k, v
+        else:
+            hf[name] = t
+    return config, {name: (path, t) for name, t in hf.items()}
+
+
+def official_config(path, sd):
+    """The HF config dict of an official checkpoint: config.json beside it, or the
+    preset whose shapes it has."""
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    try:
+        family = "gemma2" if any("pre_feedforward_layernorm" in n for n in sd) else "gemma"
+        V, D = sd["embedder.weight"].shape
+        L = 1 + max(int(n.split(".")[2]) for n in sd if n.startswith("model.layers."))
+        F_ = sd["model.layers.0.mlp.gate_proj.weight"].shape[0]
+        qkv_rows = sd["model.layers.0.self_attn.qkv_proj.weight"].shape[0]
+        q_rows = sd["model.layers.0.self_attn.o_proj.weight"].shape[1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"{path}: not the tensors of an official Gemma checkpoint (missing {e})") from None
+    for name, c in FAMILIES[family].CONFIGS.items():
+        H, N, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        if (V, D, L, F_, qkv_rows, q_rows) == (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size, (N + 2 * K) * H, N * H):
+            return {"model_type": family, **vars(c)}
+    raise CheckpointError(
+        f"{path}: shapes (vocab {V}, hidden {D}, {L} layers, ffn {F_}) match no {family} preset "
+        f"({', '.join(FAMILIES[family].CONFIGS)}); put a config.json beside it"
+    )
+
+
+# Loading
+
+
+def build(config, source):
+    """The model a config dict describes, on the meta device (no memory yet)."""
+    family = config.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
+    module = FAMILIES[family]
+    arch = (config.get("architectures") or ["ForCausalLM"])[0]
+    head = next((h for h in HEADS if arch.endswith(h)), None)
+    if head is None:
+        raise CheckpointError(f"{source}: architecture {arch!r} is not one of {HEADS}")
+    prefix = "Gemma" if family == "gemma" else "Gemma2"
+    cls = getattr(module, prefix + head)
+    cfg = getattr(module, prefix + "Config").from_hf(config)
+    with torch.device("meta"):
+        if head == "ForCausalLM":
+            return cls(cfg)
+        labels = config.get("id2label") or {str(i): i for i in range(config.get("num_labels", 2))}
+        return cls(cfg, len(labels))
+
+
+def check_tensors(model, tensors, source):
+    """Every expected tensor present with its shape, nothing unexpected."""
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if "lm_head.weight" in tensors and "lm_head.weight" not in expected:
+        # Some exports write the tied LM head out; accept it only if it is tied.
+        file, ref = tensors.pop("lm_head.weight")
+        embedding = tensors.get("model.embed_tokens.weight")
+        if embedding is None or not torch.equal(load_tensor(file, ref), load_tensor(*embedding)):
+            raise CheckpointError(f"{file_name(file)}: lm_head.weight differs from model.embed_tokens.weight; Gemma ties them")
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    for name, (file, ref) in tensors.items():
+        if name not in expected:
+            raise CheckpointError(f"{file_name(file)}: unexpected tensor {name}")
+        shape = tuple(file.entries[ref][1]) if isinstance(file, SafetensorsFile) else tuple(ref.shape)
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{file_name(file)}: tensor {name} has shape {shape}, but the config implies {expected[name]}"
+            )
+
+
+def file_name(file):
+    return file.path if isinstance(file, SafetensorsFile) else file
+
+
+def load_tensor(file, ref):
+    return file.tensor(ref) if isinstance(file, SafetensorsFile) else ref
+
+
+def materialize(file, ref, dtype, device):
+    """The tensor in dtype on device, with as little extra memory as possible."""
+    src = load_tensor(file, ref)
+    if src.dtype == dtype and device.type == "cpu":
+        return src  # the mapped file itself: no copy
+    dst = torch.empty(src.shape, dtype=dtype, device=device)
+    rows = max(1, (64 << 20) // max(1, src[0].numel() * src.element_size())) if src.dim() > 1 else len(src)
+    for a in range(0, max(len(src), 1), rows):  # chunks of about 64 MB
+        dst[a : a + rows].copy_(src[a : a + rows])
+    if isinstance(file, SafetensorsFile):
+        file.release(ref)
+    return dst
+
+
+def default_device_and_dtype(device, dtype):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if dtype is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    return device, dtype
+
+
+def load(path, device=None, dtype=None, progress=True):
+    """A model from a Hugging Face directory or an official .ckpt, in eval mode.
+
+    device None: CUDA when available, else CPU; dtype None: bf16 on a CUDA device
+    that supports it, float32 otherwise, whatever dtype the file holds.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    device, dtype = default_device_and_dtype(device, dtype)
+    config, tensors = read_hf(path) if path.is_dir() else read_ckpt(path)
+    model = build(config, path / "config.json" if path.is_dir() else path)
+    check_tensors(model, tensors, path)
+
+    total = sum(load_tensor(*t).nbytes for t in tensors.values())
+    state, done = {}, 0
+    for name, (file, ref) in tensors.items():
+        state[name] = materialize(file, ref, dtype, device)
+        done += state[name].nbytes
+        if progress and total > 1 << 30 and sys.stderr.isatty():
+            print(f"\rloading {path.name}: {done / total:4.0%} of {total / 1e9:.1f} GB", end="", file=sys.stderr)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    if progress:
+        n = sum(p.numel() for p in model.parameters())
+        end = "\n" if total > 1 << 30 and sys.stderr.isatty() else ""
+        print(f"{end}loaded {path}: {n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on {device}, "
+              f"{total / 1e6:.1f} MB read in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return model
+
+
+def load_tokenizer(path):
+    """The Tokenizer of tokenizer.model in the directory `path`, or beside the file `path`."""
+    path = Path(path)
+    candidate = (path if path.is_dir() else path.parent) / "tokenizer.model"
+    if not candidate.is_file():
+        raise FileNotFoundError(f"{candidate}: no tokenizer.model for checkpoint {path}")
+    from tokenizer import Tokenizer
+
+    return Tokenizer(candidate)
+
+
+# Writing the Hugging Face layout
+
+
+def hf_config(model):
+    """config.json for a model: every config field under its HF name."""
+    family = "gemma2" if isinstance(model.config, gemma2.Gemma2Config) else "gemma"
+    config = {"architectures": [type(model).__name__], "model_type": family, **vars(model.config)}
+    if hasattr(model, "score"):
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.score.out_features)}
+        config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config["tie_word_embeddings"] = True
+    config["dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    return config
+
+
+def write_safetensors(path, tensors):
+    dtype_names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.nbytes else b"")
+
+
+def save_hf(model, directory, tokenizer_model=None, max_shard_bytes=5 * 10**9):
+    """Write config.json, the safetensors (sharded past max_shard_bytes, named and
+    indexed as transformers does) and a copy of tokenizer_model."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
+    shards, size = [{}], 0
+    for name, t in model.state_dict().items():
+        if size + t.nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    if len(shards) == 1:
+        write_safetensors(directory / "model.safetensors", shards[0])
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            shard_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(directory / shard_name, shard)
+            weight_map.update({name: shard_name for name in shard})
+        total = sum(t.nbytes for t in model.state_dict().values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, directory / "tokenizer.model")
+
+
+def parse_size(text):
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="write a Hugging Face directory from either format")
+    convert.add_argument("src", help="a Hugging Face directory or an official .ckpt")
+    convert.add_argument("dst", help="the directory to write")
+    convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    convert.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+    try:
+        src = Path(args.src)
+        model = load(src, device="cpu", dtype=args.dtype or stored_dtype(src))
+        tokenizer = (src if src.is_dir() else src.parent) / "tokenizer.model"
+        save_hf(model, args.dst, tokenizer if tokenizer.is_file() else None, parse_size(args.max_shard_size))
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.dst}", file=sys.stderr)
+
+
+def stored_dtype(path):
+    """The dtype of the embedding as stored, so that a conversion keeps it."""
+    config, tensors = read_hf(path) if path.is_dir() else read_ckpt(path)
+    return load_tensor(*tensors["model.embed_tokens.weight"] if "model.embed_tokens.weight" in tensors else next(iter(tensors.values()))).dtype
+
+
+if __name__ == "__main__":
+    main()
