@@ -299,6 +299,8 @@ def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
                 f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
                 f"the model's {max_len} positions"
             )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -315,6 +317,8 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
     `decode_step` replaces the one-token forward (generate's compile=True).
     """
     check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    if max_new_tokens == 0:
+        return
     device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
@@ -342,14 +346,13 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=N
     prompts = [list(tokens)] if single else [list(p) for p in tokens]
     decode_step = torch.compile(model, dynamic=False) if compile else None
     out, done = [[] for _ in prompts], [False] * len(prompts)
-    if max_new_tokens > 0:
-        for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, decode_step):
-            for row, t in enumerate(step.tolist()):
-                if not done[row]:
-                    out[row].append(t)
-                    done[row] = t in stop_tokens
-            if all(done):
-                break
+    for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, decode_step):
+        for row, t in enumerate(step.tolist()):
+            if not done[row]:
+                out[row].append(t)
+                done[row] = t in stop_tokens
+        if all(done):
+            break
     return out[0] if single else out
 
 

@@ -1,0 +1,87 @@
+"""Generate text with Gemma or Gemma 2 from the command line, streaming tokens.
+
+    python generate.py                                  # the Gemma 2 demo shipped in the repo
+    python generate.py --checkpoint checkpoints/gemma-demo --prompt "The for statement"
+    python generate.py --checkpoint ~/gemma-2-2b-it --chat "Write a haiku about tensors."
+
+--checkpoint takes a Hugging Face directory or an official .ckpt (see weights.py).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gemma
+import gemma2
+import weights
+
+DEMO = Path(__file__).resolve().parent / "checkpoints" / "gemma2-demo"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate text with Gemma or Gemma 2.")
+    parser.add_argument("--checkpoint", default=str(DEMO), help="HF directory or official .ckpt (default: the Gemma 2 demo)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", default="The with statement", help="text to continue")
+    text.add_argument("--chat", help="a user message, sent in the chat format of the -it models")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else float32)")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    try:
+        model = weights.load(args.checkpoint, device=args.device, dtype=args.dtype)
+        tokenizer = weights.load_tokenizer(args.checkpoint)
+    except (weights.CheckpointError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    if not isinstance(model, (gemma.GemmaForCausalLM, gemma2.Gemma2ForCausalLM)):
+        sys.exit(f"error: {args.checkpoint} holds a {type(model).__name__}, which does not generate text")
+    family = gemma2 if isinstance(model, gemma2.Gemma2ForCausalLM) else gemma
+
+    if args.chat is not None:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+        stop = {tokenizer.eos_id, tokenizer.end_of_turn_id}  # -it models end a turn with <end_of_turn>
+    else:
+        prompt = tokenizer.encode(args.prompt)
+        stop = {tokenizer.eos_id}
+        print(args.prompt, end="", flush=True)
+    decode_step = torch.compile(model, dynamic=False) if args.compile else None
+
+    new, shown = [], ""
+    start = first = time.perf_counter()
+    try:
+        steps = family.stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p, decode_step)
+        for step in steps:
+            if not new:
+                first = time.perf_counter()  # the prefill and the first token
+            new.append(step.item())
+            if new[-1] in stop:
+                break
+            # Decode everything so far and print what is new: one character can take
+            # several byte-fallback tokens, and pieces merge with their neighbours.
+            text = tokenizer.decode(new)
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    except ValueError as e:
+        sys.exit(f"\nerror: {e}")
+    end = time.perf_counter()
+    print()
+    if new:
+        print(
+            f"[prefill: {len(prompt)} tokens at {len(prompt) / (first - start):.1f} tok/s; "
+            f"decode: {len(new)} tokens at {(len(new) - 1) / (end - first):.1f} tok/s]",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()
