@@ -17,7 +17,9 @@ Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import mmap
 import os
 import shutil
@@ -66,16 +68,24 @@ class SafetensorsFile:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self.start = 8 + header_len  # where the data begins
         self.entries = {}
         for name, info in header.items():
-            begin, end = info["data_offsets"]
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+                nbytes = math.prod(shape) * dtype.itemsize if dtype else None
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info}") from None
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
             if self.start + end > size:
                 raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {self.start + end}, the file has {size}")
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
-            self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], self.start + begin, self.start + end)
+            if end - begin != nbytes:
+                raise CheckpointError(f"{path}: tensor {name} spans {end - begin} bytes, but shape {shape} needs {nbytes}")
+            self.entries[name] = (dtype, shape, self.start + begin, self.start + end)
 
     def tensor(self, name):
         """The tensor as a view of the mapped file: no copy, no read until used."""
@@ -84,9 +94,11 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
 
-    def release(self, name):
-        """Drop the tensor's pages from this process's memory (the file stays)."""
+    def release(self, name, start, stop):
+        """Drop the pages of bytes [start, stop) of a tensor from this process's
+        memory (the file stays; reading them again would fault them back in)."""
         _, _, begin, end = self.entries[name]
+        begin, end = begin + start, min(end, begin + stop)
         page = mmap.PAGESIZE
         begin = -(-begin // page) * page  # madvise takes whole pages inside the range
         if end - begin >= page and hasattr(mmap, "MADV_DONTNEED"):
@@ -96,18 +108,24 @@ class SafetensorsFile:
 # Finding the tensors of each format
 
 
+def read_json(path, key=None):
+    """A parsed JSON object (or its `key` entry), or an error naming the file."""
+    try:
+        d = json.loads(path.read_text())
+        return d if key is None else d[key]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
+
+
 def read_hf(directory):
     """(config dict, {name: (file, lazy tensor)}) from a Hugging Face directory."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json, so not a Hugging Face checkpoint directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    config = read_json(config_path)
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = read_json(index_path, "weight_map")
         shard_names = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").is_file():
         shard_names = ["model.safetensors"]
@@ -146,11 +164,15 @@ def read_ckpt(path):
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise CheckpointError(f"{path}: no 'model_state_dict' in it, so not an official Gemma .ckpt")
     sd = state["model_state_dict"]
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: model_state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
     if any(name.endswith("weight_scaler") for name in sd):
         raise CheckpointError(f"{path}: an int8-quantized release, which is not supported")
     config = official_config(path, sd)
     # Official names -> Hugging Face names; qkv_proj rows are q, then k, then v.
-    N, K, H = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    c = model_config(config, path)[1]
+    rows = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
     hf = {}
     for name, t in sd.items():
         if name == "freqs_cis":  # the RoPE table, recomputed by the model
@@ -158,7 +180,9 @@ def read_ckpt(path):
         if name == "embedder.weight":
             hf["model.embed_tokens.weight"] = t
         elif name.endswith("qkv_proj.weight"):
-            q, k, v = t.split([N * H, K * H, K * H], dim=0)
+            if t.dim() != 2 or t.shape[0] != sum(rows):
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, but the config implies {sum(rows)} rows of q, k, v {rows}")
+            q, k, v = t.split(rows, dim=0)
             prefix = name.removesuffix("qkv_proj.weight")
             hf[prefix + "q_proj.weight"], hf[prefix + "k_proj.weight"], hf[prefix + "v_proj.weight"] = q, k, v
         else:
@@ -171,7 +195,7 @@ def official_config(path, sd):
     preset whose shapes it has."""
     beside = path.parent / "config.json"
     if beside.is_file():
-        return json.loads(beside.read_text())
+        return read_json(beside)
     try:
         family = "gemma2" if any("pre_feedforward_layernorm" in n for n in sd) else "gemma"
         V, D = sd["embedder.weight"].shape
@@ -184,7 +208,7 @@ def official_config(path, sd):
     for name, c in FAMILIES[family].CONFIGS.items():
         H, N, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         if (V, D, L, F_, qkv_rows, q_rows) == (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size, (N + 2 * K) * H, N * H):
-            return {"model_type": family, **vars(c)}
+            return {"model_type": family, **dataclasses.asdict(c)}
     raise CheckpointError(
         f"{path}: shapes (vocab {V}, hidden {D}, {L} layers, ffn {F_}) match no {family} preset "
         f"({', '.join(FAMILIES[family].CONFIGS)}); put a config.json beside it"
@@ -194,19 +218,33 @@ def official_config(path, sd):
 # Loading
 
 
-def build(config, source):
-    """The model a config dict describes, on the meta device (no memory yet)."""
-    family = config.get("model_type")
+def read(path):
+    """(config dict, {name: (file, tensor)}) of a checkpoint in either format."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    return read_hf(path) if path.is_dir() else read_ckpt(path)
+
+
+def model_config(config, source):
+    """(module, config object) of a config dict; errors name `source`."""
+    family = config.get("model_type") if isinstance(config, dict) else None
     if family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
     module = FAMILIES[family]
+    try:
+        return module, (module.GemmaConfig if family == "gemma" else module.Gemma2Config).from_hf(config)
+    except (TypeError, ValueError) as e:  # an unsupported setting, a wrong type, ...
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def build(config, source):
+    """The model a config dict describes, on the meta device (no memory yet)."""
+    module, cfg = model_config(config, source)
     arch = (config.get("architectures") or ["ForCausalLM"])[0]
     head = next((h for h in HEADS if arch.endswith(h)), None)
     if head is None:
         raise CheckpointError(f"{source}: architecture {arch!r} is not one of {HEADS}")
-    prefix = "Gemma" if family == "gemma" else "Gemma2"
-    cls = getattr(module, prefix + head)
-    cfg = getattr(module, prefix + "Config").from_hf(config)
+    cls = getattr(module, ("Gemma" if module is gemma else "Gemma2") + head)
     with torch.device("meta"):
         if head == "ForCausalLM":
             return cls(cfg)
@@ -250,18 +288,22 @@ def materialize(file, ref, dtype, device):
     if src.dtype == dtype and device.type == "cpu":
         return src  # the mapped file itself: no copy
     dst = torch.empty(src.shape, dtype=dtype, device=device)
-    rows = max(1, (64 << 20) // max(1, src[0].numel() * src.element_size())) if src.dim() > 1 else len(src)
-    for a in range(0, max(len(src), 1), rows):  # chunks of about 64 MB
-        dst[a : a + rows].copy_(src[a : a + rows])
-    if isinstance(file, SafetensorsFile):
-        file.release(ref)
+    flat_src, flat_dst, size = src.reshape(-1), dst.view(-1), src.element_size()
+    step = (64 << 20) // size  # chunks of 64 MB
+    for a in range(0, src.numel(), step):
+        flat_dst[a : a + step].copy_(flat_src[a : a + step])
+        if isinstance(file, SafetensorsFile):  # done with these pages of the file
+            file.release(ref, a * size, (a + step) * size)
     return dst
 
 
 def default_device_and_dtype(device, dtype):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+        dtype = names[dtype]
     if dtype is None:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -269,17 +311,16 @@ def default_device_and_dtype(device, dtype):
 
 
 def load(path, device=None, dtype=None, progress=True):
-    """A model from a Hugging Face directory or an official .ckpt, in eval mode.
+    """A model from a Hugging Face directory or an official .ckpt, in eval mode
+    with gradients off (`model.requires_grad_(True)` to train it).
 
     device None: CUDA when available, else CPU; dtype None: bf16 on a CUDA device
     that supports it, float32 otherwise, whatever dtype the file holds.
     """
     start = time.perf_counter()
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
     device, dtype = default_device_and_dtype(device, dtype)
-    config, tensors = read_hf(path) if path.is_dir() else read_ckpt(path)
+    config, tensors = read(path)
     model = build(config, path / "config.json" if path.is_dir() else path)
     check_tensors(model, tensors, path)
 
@@ -287,7 +328,7 @@ def load(path, device=None, dtype=None, progress=True):
     state, done = {}, 0
     for name, (file, ref) in tensors.items():
         state[name] = materialize(file, ref, dtype, device)
-        done += state[name].nbytes
+        done += load_tensor(file, ref).nbytes
         if progress and total > 1 << 30 and sys.stderr.isatty():
             print(f"\rloading {path.name}: {done / total:4.0%} of {total / 1e9:.1f} GB", end="", file=sys.stderr)
     model.load_state_dict(state, strict=True, assign=True)
@@ -295,8 +336,8 @@ def load(path, device=None, dtype=None, progress=True):
     if progress:
         n = sum(p.numel() for p in model.parameters())
         end = "\n" if total > 1 << 30 and sys.stderr.isatty() else ""
-        print(f"{end}loaded {path}: {n / 1e6:.1f}M parameters, {str(dtype).removeprefix('torch.')} on {device}, "
-              f"{total / 1e6:.1f} MB read in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        print(f"{end}loaded {path}: {n:,} parameters, {str(dtype).removeprefix('torch.')} on {device}, "
+              f"from {total / 1e6:.1f} MB of tensors in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 
 
@@ -339,7 +380,8 @@ def write_safetensors(path, tensors):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
-            f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.nbytes else b"")
+            if t.nbytes:  # the bytes as they lie in memory: no copy on the CPU
+                f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy())
 
 
 def save_hf(model, directory, tokenizer_model=None, max_shard_bytes=5 * 10**9):
@@ -387,19 +429,23 @@ def main(argv=None):
     convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     convert.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
     try:
-        src = Path(args.src)
+        # Refuse to write over anything: a stale model.safetensors would shadow new
+        # shards, and writing over the source would pull the file from under the model.
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            raise FileExistsError(f"{dst}: exists and is not an empty directory")
         model = load(src, device="cpu", dtype=args.dtype or stored_dtype(src))
         tokenizer = (src if src.is_dir() else src.parent) / "tokenizer.model"
-        save_hf(model, args.dst, tokenizer if tokenizer.is_file() else None, parse_size(args.max_shard_size))
-    except (CheckpointError, FileNotFoundError) as e:
+        save_hf(model, dst, tokenizer if tokenizer.is_file() else None, parse_size(args.max_shard_size))
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
     print(f"wrote {args.dst}", file=sys.stderr)
 
 
 def stored_dtype(path):
     """The dtype of the embedding as stored, so that a conversion keeps it."""
-    config, tensors = read_hf(path) if path.is_dir() else read_ckpt(path)
+    _, tensors = read(path)
     return load_tensor(*tensors["model.embed_tokens.weight"] if "model.embed_tokens.weight" in tensors else next(iter(tensors.values()))).dtype
 
 
