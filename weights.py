@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import mmap
-import os
+import pickle
 import shutil
 import struct
 import sys
@@ -159,6 +159,9 @@ def read_ckpt(path):
         # weights_only: the unpickler builds tensors and plain containers, never
         # runs code from the file. mmap: tensors stay in the file until read.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:  # torch's message names the refused global
+        why = next((line for line in str(e).splitlines() if "GLOBAL" in line), str(e))
+        raise CheckpointError(f"{path}: refused: its pickle would call code, not only build tensors ({why.strip()})") from None
     except Exception as e:  # torch reports a bad zip, a refused pickle, ... in many types
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or "model_state_dict" not in state:
