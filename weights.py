@@ -8,15 +8,17 @@ Two formats are read:
 
 The model is built on the meta device (no memory), every tensor is checked
 against it (present, expected, right shape), and only then are the tensors
-read one at a time and assigned. Safetensors files are memory-mapped: a tensor
-already in the wanted dtype on the CPU is used in place (no copy at all), any
-other is converted in chunks whose file pages are released as they are done,
-so peak memory stays near the size of the loaded model.
+read one at a time and assigned. Both formats are memory-mapped (safetensors
+here, the .ckpt by torch.load(mmap=True)): a tensor already in the wanted dtype
+on the CPU is used in place (no copy at all), any other is converted in chunks
+whose file pages are released as they are done, so peak memory stays near the
+size of the loaded model (benchmarks/load_memory.py).
 
 Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
 """
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
@@ -35,6 +37,8 @@ import gemma2
 
 FAMILIES = {"gemma": gemma, "gemma2": gemma2}  # config.json "model_type" -> module
 HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
+# madvise, for the tensors torch.load maps too (Python's mmap.madvise cannot reach them).
+LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -94,15 +98,6 @@ class SafetensorsFile:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
 
-    def release(self, name, start, stop):
-        """Drop the pages of bytes [start, stop) of a tensor from this process's
-        memory (the file stays; reading them again would fault them back in)."""
-        _, _, begin, end = self.entries[name]
-        begin, end = begin + start, min(end, begin + stop)
-        page = mmap.PAGESIZE
-        begin = -(-begin // page) * page  # madvise takes whole pages inside the range
-        if end - begin >= page and hasattr(mmap, "MADV_DONTNEED"):
-            self.mm.madvise(mmap.MADV_DONTNEED, begin, (end - begin) // page * page)
 
 
 # Finding the tensors of each format
@@ -287,17 +282,29 @@ def load_tensor(file, ref):
 
 def materialize(file, ref, dtype, device):
     """The tensor in dtype on device, with as little extra memory as possible."""
-    src = load_tensor(file, ref)
+    src = load_tensor(file, ref)  # a view of the memory-mapped file, in either format
     if src.dtype == dtype and device.type == "cpu":
         return src  # the mapped file itself: no copy
     dst = torch.empty(src.shape, dtype=dtype, device=device)
-    flat_src, flat_dst, size = src.reshape(-1), dst.view(-1), src.element_size()
-    step = (64 << 20) // size  # chunks of 64 MB
+    if not src.is_contiguous():  # rare: a .ckpt saved from a transposed view
+        return dst.copy_(src)
+    step = (64 << 20) // src.element_size()  # chunks of 64 MB
     for a in range(0, src.numel(), step):
-        flat_dst[a : a + step].copy_(flat_src[a : a + step])
-        if isinstance(file, SafetensorsFile):  # done with these pages of the file
-            file.release(ref, a * size, (a + step) * size)
+        chunk = src.view(-1)[a : a + step]
+        dst.view(-1)[a : a + step].copy_(chunk)
+        release(chunk)  # done with these pages of the file
     return dst
+
+
+def release(mapped):
+    """Drop the pages under `mapped`, a view of a memory-mapped file that was only
+    read, from this process's memory: the file stays, and reading them again would
+    fault them back in. (On ordinary memory MADV_DONTNEED would zero it instead.)"""
+    page = mmap.PAGESIZE
+    begin = -(-mapped.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (mapped.data_ptr() + mapped.nbytes) // page * page
+    if end > begin and LIBC is not None:
+        LIBC.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
 
 
 def default_device_and_dtype(device, dtype):
