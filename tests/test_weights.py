@@ -174,6 +174,19 @@ def test_dtype_is_the_one_asked_for_and_float32_by_default_on_cpu(hf_model, tmp_
     assert not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_device_is_cuda_in_bf16_and_float32_on_request_matches_transformers(family, hf_model, hf_dir):
+    model = weights.load(hf_dir, progress=False)  # device None, dtype None
+    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    for name, p in model.state_dict().items():
+        assert p.device.type == "cuda" and p.dtype == want, name
+        assert torch.equal(p.cpu(), our_state_dict(hf_model)[name].to(want)), name
+    model = weights.load(hf_dir, device="cuda", dtype=torch.float32, progress=False)
+    with torch.no_grad():  # float32, no TF32 (off by default); GPU kernels sum in other orders: a few ulp more
+        torch.testing.assert_close(model(TOKENS.cuda()).cpu(), hf_logits(hf_model, TOKENS), atol=1e-4, rtol=0)
+
+
 def test_unknown_dtype_name_is_an_error(hf_dir):
     with pytest.raises(ValueError, match="float64"):
         load(hf_dir, dtype="float64")
