@@ -308,13 +308,13 @@ def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
 
 
 @torch.no_grad()
-def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, decode_step=None):
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False):
     """Yield one new token per prompt (B,) at each step; prompts is a list of lists.
 
     Prompts of different lengths are left-padded into one batch: every row then
     writes its n-th new token into the same cache slot, and the padding is
     masked out and shifts that row's RoPE positions (see attention_mask).
-    `decode_step` replaces the one-token forward (generate's compile=True).
+    compile=True runs the same forward through torch.compile (see compile_steps).
     """
     check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
     if max_new_tokens == 0:
@@ -323,30 +323,52 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
     B, T = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
-    cache = model.make_cache(B, T + max_new_tokens)
-    decode_step = decode_step or model
+    prefill, decode = compile_steps(model) if compile else (model, model)
+    length = T + max_new_tokens
+    if compile:
+        # Compiled code is specialised to the cache size: rounding it up lets
+        # generations of similar lengths share one compiled graph. Slots past
+        # the current one are masked, so the extra ones change nothing.
+        length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
+    cache = model.make_cache(B, length)
 
-    logits = model(tokens, torch.arange(T, device=device), cache, pad)  # prefill (B, T, V)
+    logits = prefill(tokens, torch.arange(T, device=device), cache, pad)  # (B, T, V)
     token = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
     yield token
     for slot in range(T, T + max_new_tokens - 1):
         slots = torch.tensor([slot], device=device)
-        logits = decode_step(token[:, None], slots, cache, pad)  # (B, 1, V)
+        logits = decode(token[:, None], slots, cache, pad)  # (B, 1, V)
         token = sample(logits[:, -1], temperature, top_k, top_p)
         yield token
+
+
+def compile_steps(model):
+    """The prompt's forward (prefill) and the one-token forward (decode) through torch.compile.
+
+    The model code stays as it is: torch.compile traces it and fuses its small
+    operations into a few kernels. Decode always has the same shapes (B tokens,
+    a cache of fixed size), so it compiles with static shapes and, on CUDA, into
+    a CUDA graph (mode="reduce-overhead") that launches all its kernels at once:
+    for one token, launching kernels one by one takes longer than running them.
+    Prompt lengths vary, so prefill compiles with dynamic shapes. What is
+    compiled is kept with the model's code, so later calls find it again.
+    """
+    cuda = model.model.embed_tokens.weight.is_cuda
+    prefill = torch.compile(model, dynamic=True)
+    decode = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda else None)
+    return prefill, decode
 
 
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_tokens=(), compile=False):
     """New tokens for one prompt (list of ints) or a batch (list of lists).
 
     A prompt stops after max_new_tokens or after one of its stop tokens, which is
-    kept. compile=True runs the one-token decode step through torch.compile.
+    kept. compile=True runs the forward through torch.compile (see compile_steps).
     """
     single = len(tokens) > 0 and isinstance(tokens[0], int)
     prompts = [list(tokens)] if single else [list(p) for p in tokens]
-    decode_step = torch.compile(model, dynamic=False) if compile else None
     out, done = [[] for _ in prompts], [False] * len(prompts)
-    for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, decode_step):
+    for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):
         for row, t in enumerate(step.tolist()):
             if not done[row]:
                 out[row].append(t)

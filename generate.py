@@ -33,7 +33,7 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else float32)")
-    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    parser.add_argument("--compile", action="store_true", help="run prefill and decode through torch.compile (slow to start, faster per token)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -54,12 +54,11 @@ def main(argv=None):
         prompt = tokenizer.encode(args.prompt)
         stop = {tokenizer.eos_id}
         print(args.prompt, end="", flush=True)
-    decode_step = torch.compile(model, dynamic=False) if args.compile else None
 
     new, shown = [], ""
     start = first = time.perf_counter()
     try:
-        steps = family.stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p, decode_step)
+        steps = family.stream(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.compile)
         for step in steps:
             if not new:
                 first = time.perf_counter()  # the prefill and the first token
