@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import mmap
+import os
 import pickle
 import shutil
 import struct
@@ -387,11 +388,15 @@ def write_safetensors(path, tensors):
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-    with open(path, "wb") as f:
+    # Written beside, then renamed over `path`: a reader never sees half a file, and
+    # a model loaded from `path` keeps its tensors (they map the old file).
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             if t.nbytes:  # the bytes as they lie in memory: no copy on the CPU
                 f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    os.replace(partial, path)
 
 
 def save_hf(model, directory, tokenizer_model=None, max_shard_bytes=5 * 10**9):

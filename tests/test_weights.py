@@ -287,6 +287,16 @@ def test_convert_keeps_the_stored_dtype_unless_told(hf_model, tmp_path, stored, 
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["dtype"] == str(written).removeprefix("torch.")
 
 
+def test_save_hf_over_the_checkpoint_a_model_maps_keeps_both_intact(family, hf_model, hf_dir):
+    model = load(hf_dir)  # float32 from float32: its tensors are views of model.safetensors
+    # A new file renamed over the old one. Rewriting the old one in place would
+    # destroy the checkpoint and pull the pages from under the model (SIGBUS).
+    weights.save_hf(model, hf_dir)
+    assert_same_model(model, hf_model, family)
+    assert_same_model(load(hf_dir), hf_model, family)
+    assert sorted(p.name for p in hf_dir.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
 def test_convert_refuses_a_directory_that_is_not_empty(hf_dir, tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
@@ -422,6 +432,24 @@ def test_load_prints_one_summary_line_to_stderr(hf_dir, capsys):
     assert "parameters, float32 on cpu, from 0.2 MB of tensors in " in err and err.count("\n") == 1
     weights.load(hf_dir, device="cpu", progress=False)
     assert capsys.readouterr() == ("", "")
+
+
+# The tokenizer
+
+
+def test_load_tokenizer_finds_tokenizer_model_in_a_directory_or_beside_a_file(tmp_path):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(["a tiny corpus for a tokenizer"] * 20), model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=300, model_type="bpe", byte_fallback=True,  # 256 byte pieces, so 300
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+    for path in [tmp_path, tmp_path / "model.ckpt"]:  # the .ckpt need not exist: only its folder is read
+        tokenizer = weights.load_tokenizer(path)
+        assert Path(tokenizer.path) == tmp_path / "tokenizer.model"
+        assert tokenizer.decode(tokenizer.encode("a tiny corpus", bos=False)) == "a tiny corpus"
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "elsewhere" / "tokenizer.model")):
+        weights.load_tokenizer(tmp_path / "elsewhere" / "model.ckpt")
 
 
 # Memory
