@@ -3,7 +3,8 @@
 Every transformers model here is tiny and has EVERY parameter randomised, norm
 weights included (transformers initialises them to zero, which would hide a
 norm read into the wrong place), is written to tmp_path and read back through
-weights.load. Each test runs for Gemma and for Gemma 2.
+weights.load. Every test that builds a model runs for Gemma and for Gemma 2,
+except where the claim does not depend on the family (the command line, memory).
 """
 
 import json
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -438,8 +440,6 @@ def test_load_prints_one_summary_line_to_stderr(hf_dir, capsys):
 
 
 def test_load_tokenizer_finds_tokenizer_model_in_a_directory_or_beside_a_file(tmp_path):
-    import sentencepiece as spm
-
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(["a tiny corpus for a tokenizer"] * 20), model_prefix=str(tmp_path / "tokenizer"),
         vocab_size=300, model_type="bpe", byte_fallback=True,  # 256 byte pieces, so 300
