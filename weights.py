@@ -446,8 +446,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     try:
-        # Refuse to write over anything: a stale model.safetensors would shadow new
-        # shards, and writing over the source would pull the file from under the model.
+        # Refuse to write over anything: files left from an earlier conversion would
+        # mix with the new ones (transformers prefers a stale model.safetensors to shards).
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise FileExistsError(f"{dst}: exists and is not an empty directory")
         model = load(src, device="cpu", dtype=args.dtype or stored_dtype(src))
