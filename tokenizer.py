@@ -1,0 +1,90 @@
+"""The Gemma tokenizer: a thin wrapper around a SentencePiece model, plus the chat format.
+
+Gemma's tokenizer (arXiv 2403.08295, sec. 2) is SentencePiece BPE with byte
+fallback, split digits, no normalisation and no dummy prefix: whitespace is kept
+as is. Ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3; <start_of_turn> and
+<end_of_turn> are pieces of their own, whose ids we read from the model.
+
+The chat format is the official template of the instruction-tuned models
+(google/gemma-2-2b-it tokenizer_config.json, the same in gemma-7b-it):
+
+    <bos><start_of_turn>user
+    {text}<end_of_turn>
+    <start_of_turn>model
+    {text}<end_of_turn>
+    <start_of_turn>model          <- the generation prompt
+"""
+
+import os
+
+import sentencepiece as spm
+
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer model at {path!r}")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path!r} is not a readable SentencePiece model: {e}") from None
+        self.path = path
+        self.vocab_size = self.sp.GetPieceSize()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.start_of_turn_id = self._piece_id(START_OF_TURN)
+        self.end_of_turn_id = self._piece_id(END_OF_TURN)
+
+    def _piece_id(self, piece):
+        # piece_to_id answers the <unk> id for a piece it does not know.
+        i = self.sp.PieceToId(piece)
+        if self.sp.IdToPiece(i) != piece:
+            raise ValueError(f"tokenizer {self.path!r} has no {piece} piece")
+        return i
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + self.sp.EncodeAsIds(text) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.DecodeIds(list(ids))
+
+    def format_chat(self, messages, add_generation_prompt=True):
+        """The official Gemma chat template, byte for byte, as a string."""
+        text = "<bos>"
+        for i, m in enumerate(messages):
+            role = m["role"]
+            if role == "system":
+                # The official template raises too: Gemma has no system turn.
+                raise ValueError("system role not supported by the Gemma chat template")
+            if role == "assistant":
+                role = "model"
+            if role not in ("user", "model"):
+                raise ValueError(f"unknown role {m['role']!r}: expected user, assistant or model")
+            if (role == "user") != (i % 2 == 0):
+                raise ValueError("conversation roles must alternate user/model/user/model/...")
+            # Jinja's `trim` is Python's str.strip(): all leading/trailing whitespace.
+            text += f"{START_OF_TURN}{role}\n{m['content'].strip()}{END_OF_TURN}\n"
+        if add_generation_prompt:
+            text += f"{START_OF_TURN}model\n"
+        return text
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        """Ids of format_chat's text: its "<bos>" as the BOS id, turn markers as their ids."""
+        text = self.format_chat(messages, add_generation_prompt)
+        # SentencePiece would read the literal "<bos>" (a control piece) as five
+        # characters; <start_of_turn> and <end_of_turn> are user-defined pieces,
+        # which it matches whole, but we split on them anyway so that this holds
+        # whatever kind of piece a tokenizer model makes them.
+        ids = [self.bos_id]
+        for i, turn in enumerate(text.removeprefix("<bos>").split(START_OF_TURN)):
+            if i > 0:
+                ids.append(self.start_of_turn_id)
+            parts = turn.split(END_OF_TURN)
+            for j, part in enumerate(parts):
+                if j > 0:
+                    ids.append(self.end_of_turn_id)
+                ids += self.sp.EncodeAsIds(part)
+        return ids
