@@ -56,8 +56,9 @@ GEN_WEIGHTS = dict(embed_std=0.3, gain=3.0)
 PROMPT = [2, 17, 101, 45, 9]
 
 
-def tokens(B, T, vocab=TINY["vocab_size"], seed=0):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+def tokens(batch, length, vocab=TINY["vocab_size"], seed=0):
+    """Random token ids (batch, length), the same for the same seed."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +165,8 @@ def test_each_prompt_of_a_left_padded_batch_gets_the_tokens_it_gets_alone(gen_pa
 def test_generation_stops_after_a_stop_token_and_keeps_it(gen_pair):
     _, ours = gen_pair
     free = generate(ours, PROMPT, 24)
-    k = 5
-    stop = free[k]
-    first = free.index(stop)  # generation stops at the stop token's first appearance
+    stop = free[5]
+    first = free.index(stop)  # it stops at the stop token's first appearance, at most 5
     assert generate(ours, PROMPT, 24, stop_tokens=(stop,)) == free[: first + 1]
 
 
@@ -176,6 +176,7 @@ def test_in_a_batch_only_the_prompt_that_emits_a_stop_token_stops(gen_pair):
     free = generate(ours, [PROMPT, other], 24)
     stop = next(t for t in free[0][3:] if t not in free[1])
     out = generate(ours, [PROMPT, other], 24, stop_tokens=(stop,))
+    assert len(out[0]) < 24
     assert out[0] == free[0][: free[0].index(stop) + 1]
     assert out[1] == free[1]
 
@@ -245,9 +246,11 @@ def test_top_p_samples_only_from_the_nucleus_and_from_each_of_its_tokens(gen_pai
     logits = ours(torch.tensor([PROMPT]))[0, -1]
     probs, order = logits.softmax(-1).sort(descending=True)
     # The nucleus for top_p: tokens until the cumulative mass first reaches it.
-    # Here p = 0.19, 0.16, 0.051, 0.050, ...; 1e-4 below the mass of three tokens
-    # is well inside the gap from the third to the fourth (0.001).
-    top_p = float(probs[:3].sum()) - 1e-4  # reached at the third token
+    # Here p = 0.19, 0.16, 0.051, 0.050, ...: 1e-4 below the mass of the top
+    # three, the third token is still needed to reach top_p and the fourth is
+    # not; 1e-4 is far above the float32 rounding between this forward and
+    # generate's cached one.
+    top_p = float(probs[:3].sum()) - 1e-4
     nucleus = set(order[:3].tolist())
     seen = {first_sampled(ours, seed, temperature=1.0, top_p=top_p) for seed in range(60)}
     assert seen == nucleus
@@ -256,13 +259,21 @@ def test_top_p_samples_only_from_the_nucleus_and_from_each_of_its_tokens(gen_pai
 # --- bad input to generate ---------------------------------------------------
 
 V, MAX_POS = TINY["vocab_size"], TINY["max_position_embeddings"]
+# Bug: generate(model, [], n) takes [] for an empty batch, not an empty prompt,
+# so it never reaches the "empty prompt" check and fails later in max() with
+# "max() arg is an empty sequence" (a ValueError only by chance), and with
+# max_new_tokens=0 it returns [] without complaint. Strict: when fixed, this
+# xfail turns into a failure that asks for the mark to go.
+EMPTY_LIST_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason="[] is read as an empty batch (see above)")
 BAD_INPUT = {
     "token_id_equal_to_vocab_size": (dict(tokens=[2, V]), "vocabulary"),
     "negative_token_id": (dict(tokens=[2, -1]), "vocabulary"),
     "bad_token_in_one_prompt_of_a_batch": (dict(tokens=[[2, 3], [2, V + 5]]), "vocabulary"),
-    "empty_prompt": (dict(tokens=[]), "empty"),
-    "empty_prompt_in_a_batch": (dict(tokens=[[2, 3], []]), "empty"),
+    "empty_prompt_in_a_batch": (dict(tokens=[[2, 3], []]), "empty prompt"),
+    "empty_prompt": pytest.param(dict(tokens=[]), "empty prompt", marks=EMPTY_LIST_BUG),
     "prompt_plus_new_tokens_beyond_max_positions": (dict(tokens=[2] * 10, max_new_tokens=MAX_POS - 9), "positions"),
+    "negative_max_new_tokens": (dict(max_new_tokens=-1), "max_new_tokens"),
+    "bad_token_even_with_zero_new_tokens": (dict(tokens=[2, V], max_new_tokens=0), "vocabulary"),
     "negative_temperature": (dict(temperature=-0.5), "temperature"),
     "top_p_zero": (dict(temperature=1.0, top_p=0.0), "top_p"),
     "top_p_above_one": (dict(temperature=1.0, top_p=1.5), "top_p"),

@@ -58,16 +58,21 @@ def task(perm, batch, length, seed):
     return x
 
 
-def train(family, fields, device, steps=400, batch=16, length=T, lr=2e-3):
+def train(family, fields, device, steps=800, batch=16, length=T, lr=2e-3):
     """(transformers bf16, ours bf16, perm) on `device`, both with weights trained on `task`.
 
-    Ours is trained in float32 from randomised weights, then its weights are
-    copied into the transformers model; both are cast to bf16 at the end.
+    Ours is trained in float32 from random weights (a small embedding, 0.1, so
+    that the untrained model does not start out echoing its input), then its
+    weights are copied into the transformers model; both are cast to bf16 at the
+    end. On CPU at smaller sizes the previous-token head appears after about 275
+    steps (loss falls from ~7.6 to 0.4 within 25 steps) and accuracy is 99.9% by
+    400; 800 steps leaves room for the larger model and firms up the margins.
     """
-    hf = oracle.hf_causal_lm(family, seed=0, **fields)  # float32, randomised
+    hf = oracle.hf_causal_lm(family, seed=0, embed_std=0.1, **fields)  # float32
     ours = oracle.our_causal_lm(family, hf).to(device).train()
     perm = torch.randperm(fields["vocab_size"], generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(ours.parameters(), lr=lr, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
     for step in range(steps):
         x = task(perm, batch, length, seed=1 + step).to(device)
         logits = ours(x[:, :-1])  # (B, T-1, V)
@@ -76,11 +81,12 @@ def train(family, fields, device, steps=400, batch=16, length=T, lr=2e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
+        warmup.step()
     ours.eval()
     missing, unexpected = hf.load_state_dict({k: v.cpu() for k, v in ours.state_dict().items()}, strict=False)
     assert (missing, unexpected) == (["lm_head.weight"], [])  # tied to the embedding just loaded
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
-    return hf.to(device, torch.bfloat16), ours.to(torch.bfloat16), perm
+    return hf.to(device, torch.bfloat16).eval(), ours.to(torch.bfloat16), perm
 
 
 @pytest.fixture(scope="module", params=["gemma", "gemma2"])
