@@ -425,7 +425,7 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=N
     A prompt stops after max_new_tokens or after one of its stop tokens, which is
     kept. compile=True runs the forward through torch.compile (see compile_steps).
     """
-    single = len(tokens) > 0 and isinstance(tokens[0], int)
+    single = len(tokens) == 0 or isinstance(tokens[0], int)  # [] is an empty prompt
     prompts = [list(tokens)] if single else [list(p) for p in tokens]
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):

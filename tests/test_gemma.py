@@ -259,18 +259,12 @@ def test_top_p_samples_only_from_the_nucleus_and_from_each_of_its_tokens(gen_pai
 # --- bad input to generate ---------------------------------------------------
 
 V, MAX_POS = TINY["vocab_size"], TINY["max_position_embeddings"]
-# Bug: generate(model, [], n) takes [] for an empty batch, not an empty prompt,
-# so it never reaches the "empty prompt" check and fails later in max() with
-# "max() arg is an empty sequence" (a ValueError only by chance), and with
-# max_new_tokens=0 it returns [] without complaint. Strict: when fixed, this
-# xfail turns into a failure that asks for the mark to go.
-EMPTY_LIST_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason="[] is read as an empty batch (see above)")
 BAD_INPUT = {
     "token_id_equal_to_vocab_size": (dict(tokens=[2, V]), "vocabulary"),
     "negative_token_id": (dict(tokens=[2, -1]), "vocabulary"),
     "bad_token_in_one_prompt_of_a_batch": (dict(tokens=[[2, 3], [2, V + 5]]), "vocabulary"),
     "empty_prompt_in_a_batch": (dict(tokens=[[2, 3], []]), "empty prompt"),
-    "empty_prompt": pytest.param(dict(tokens=[]), "empty prompt", marks=EMPTY_LIST_BUG),
+    "empty_prompt": (dict(tokens=[]), "empty prompt"),
     "prompt_plus_new_tokens_beyond_max_positions": (dict(tokens=[2] * 10, max_new_tokens=MAX_POS - 9), "positions"),
     "negative_max_new_tokens": (dict(max_new_tokens=-1), "max_new_tokens"),
     "bad_token_even_with_zero_new_tokens": (dict(tokens=[2, V], max_new_tokens=0), "vocabulary"),

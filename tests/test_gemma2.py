@@ -223,16 +223,10 @@ def test_generation_stops_after_a_stop_token_and_keeps_it(gen_pair):
     assert generate(ours, PROMPT, 24, stop_tokens=(stop,)) == free[: free.index(stop) + 1]
 
 
-# Bug: generate(model, [], n) takes [] for an empty batch, not an empty prompt,
-# so it never reaches the "empty prompt" check and fails later in max() with
-# "max() arg is an empty sequence" (a ValueError only by chance), and with
-# max_new_tokens=0 it returns [] without complaint. Strict: when fixed, this
-# xfail turns into a failure that asks for the mark to go.
-EMPTY_LIST_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason="[] is read as an empty batch (see above)")
 BAD_INPUT = {
     "token_id_equal_to_vocab_size": (dict(tokens=[2, TINY["vocab_size"]]), "vocabulary"),
     "empty_prompt_in_a_batch": (dict(tokens=[[2], []]), "empty prompt"),
-    "empty_prompt": pytest.param(dict(tokens=[]), "empty prompt", marks=EMPTY_LIST_BUG),
+    "empty_prompt": (dict(tokens=[]), "empty prompt"),
     "beyond_max_positions": (dict(max_new_tokens=TINY["max_position_embeddings"]), "positions"),
     "negative_temperature": (dict(temperature=-1.0), "temperature"),
     "top_p_zero": (dict(temperature=1.0, top_p=0.0), "top_p"),
