@@ -25,7 +25,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate text with Gemma or Gemma 2.")
     parser.add_argument("--checkpoint", default=str(DEMO), help="HF directory or official .ckpt (default: the Gemma 2 demo)")
     text = parser.add_mutually_exclusive_group()
-    text.add_argument("--prompt", default="The with statement", help="text to continue")
+    text.add_argument("--prompt", default='The "if" statement is used for conditional execution', help="text to continue")
     text.add_argument("--chat", help="a user message, sent in the chat format of the -it models")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
