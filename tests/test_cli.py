@@ -1,0 +1,61 @@
+"""The command line, generate.py, end to end on the demo checkpoints shipped in the repo."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gemma
+import gemma2
+import weights
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMOS = {"gemma": ROOT / "checkpoints" / "gemma-demo", "gemma2": ROOT / "checkpoints" / "gemma2-demo"}
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_with_no_arguments_it_runs_the_gemma2_demo_and_reports_speed():
+    out = run("--max-new-tokens", "20")
+    assert out.returncode == 0, out.stderr
+    assert "gemma2-demo" in out.stderr
+    assert out.stdout.startswith('The "if" statement')
+    assert "prefill: " in out.stderr and "decode: 20 tokens at" in out.stderr
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_the_printed_text_is_the_greedy_continuation_of_generate(family):
+    prompt = "The for statement"
+    out = run("--checkpoint", str(DEMOS[family]), "--prompt", prompt, "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    model, tok = weights.load(DEMOS[family], device="cpu", progress=False), weights.load_tokenizer(DEMOS[family])
+    module = gemma2 if family == "gemma2" else gemma
+    new = module.generate(model, tok.encode(prompt), 12, stop_tokens={tok.eos_id})
+    if new[-1] == tok.eos_id:
+        new = new[:-1]  # the command line stops at <eos> without printing it
+    assert out.stdout == prompt + tok.decode(new) + "\n"
+
+
+def test_chat_mode_runs_and_prints_only_the_reply():
+    out = run("--chat", "What does the with statement do", "--max-new-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert "<start_of_turn>" not in out.stdout and "What does" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "no/such/dir"], "no/such/dir"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-new-tokens", "100000"], "positions"),
+    ],
+)
+def test_bad_input_is_one_line_of_error_not_a_traceback(args, message):
+    out = run(*args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert "error:" in out.stderr and message in out.stderr
