@@ -11,6 +11,7 @@ import transformers
 
 import gemma
 import gemma2
+import gemma3
 
 HF_CAUSAL_LM = {"gemma": transformers.GemmaForCausalLM, "gemma2": transformers.Gemma2ForCausalLM}
 HF_SEQ_CLS = {"gemma": transformers.GemmaForSequenceClassification, "gemma2": transformers.Gemma2ForSequenceClassification}
@@ -20,6 +21,12 @@ OURS = {
     "gemma": (gemma.GemmaConfig, gemma.GemmaForCausalLM, gemma.GemmaForSequenceClassification, gemma.GemmaForTokenClassification),
     "gemma2": (gemma2.Gemma2Config, gemma2.Gemma2ForCausalLM, gemma2.Gemma2ForSequenceClassification, gemma2.Gemma2ForTokenClassification),
 }
+
+# Gemma 3 (text): transformers' Gemma3ForCausalLM with a Gemma3TextConfig; no
+# classifier heads in gemma3.py.
+HF_CAUSAL_LM["gemma3"] = transformers.Gemma3ForCausalLM
+HF_CONFIG["gemma3"] = transformers.Gemma3TextConfig
+OURS["gemma3"] = (gemma3.Gemma3TextConfig, gemma3.Gemma3ForCausalLM, None, None)
 
 
 def hf_config(family, **fields):

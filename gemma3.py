@@ -1,0 +1,564 @@
+"""Gemma 3 (text) in one file: config, model, KV cache and generation.
+
+Gemma 3 Technical Report, arXiv 2503.19786; it builds on Gemma 2, arXiv 2408.00118,
+and Gemma, arXiv 2403.08295. Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
+attention (arXiv 1911.02150, 2305.13245), GeGLU (arXiv 2002.05202), RMSNorm
+(arXiv 1910.07467). Parameter names equal the Hugging Face state-dict names,
+so a `transformers` checkpoint loads without renaming (see weights.py).
+
+What differs from Gemma 2 (`diff gemma2.py gemma3.py` shows exactly this;
+sections of the Gemma 3 report):
+  - QK-norm: queries and keys go through an RMSNorm over head_dim before RoPE;
+    it replaces the attention soft-cap, and the final logits are not
+    soft-capped either (sec. 2);
+  - five local layers for every global one: layer i is global when
+    (i + 1) % 6 == 0, instead of every other layer (sec. 2);
+  - a shorter window: 1024 positions (4B, 12B, 27B; sec. 2) or 512 (270M, 1B;
+    their config.json), instead of 4096;
+  - two RoPE bases: 10,000 on local layers, 1,000,000 on global ones, and on
+    the global layers of the 4B, 12B and 27B positions divided by 8 (linear
+    positional interpolation, arXiv 2306.15595) (sec. 2, "Long context");
+  - the KV cache of a local layer holds only the window, in a ring buffer:
+    the memory saving is the reason for the two changes above (sec. 5.2);
+  - a 262,144-piece vocabulary (262,208 in the text tower of the multimodal
+    4B, 12B and 27B checkpoints: 64 image tokens);
+  - the classifier heads of gemma2.py are left out (text generation only).
+What stays as in Gemma 2: sandwich norms, queries scaled by
+query_pre_attn_scalar ** -0.5 (27B: 168, not head_dim 128), grouped-query
+attention, the sqrt(hidden_size) embedding scale, the tied LM head, RMSNorm
+with (1 + weight), GeGLU with the tanh GELU, head_dim as its own setting.
+
+Shape legend: B batch, T query length, S key length (cache size), D hidden,
+N query heads, K key/value heads, H head_dim, F ffn, V vocab, L layers.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Gemma3TextConfig:
+    # The defaults are transformers' Gemma3TextConfig defaults (a Gemma-2-2B shape,
+    # not a released model), because the multimodal config.json files list only
+    # the text fields that differ from them (see CONFIGS for the released values).
+    vocab_size: int = 262208  # V; SentencePiece pieces (+ 64 image tokens here)
+    hidden_size: int = 2304  # D; the width of the residual stream
+    intermediate_size: int = 9216  # F; the width of the MLP
+    num_hidden_layers: int = 26  # L
+    num_attention_heads: int = 8  # N
+    num_key_value_heads: int = 4  # K; N / K query heads share a key/value head
+    head_dim: int = 256  # H; not hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    # Two RoPE bases: 1M on global layers for long context, 10k on local ones
+    # (Gemma 3 report sec. 2, "Long context").
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_base_freq: float = 10_000.0  # local layers
+    # Global layers only: {"rope_type": "linear", "factor": 8.0} divides their
+    # positions by 8 (4B, 12B, 27B; positional interpolation, arXiv 2306.15595).
+    # None: unscaled (270M, 1B).
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 131072  # the longest sequence it was trained on
+    pad_token_id: int = 0
+    eos_token_id: int | list = 1  # the -it configs list <end_of_turn> (106) too
+    bos_token_id: int = 2
+    query_pre_attn_scalar: float = 256  # queries are scaled by its -1/2 power
+    sliding_window: int = 4096  # how far back a local layer sees
+    # "sliding_attention" or "full_attention" for each layer; None: five local
+    # layers, then one global, as in the released models (sec. 2).
+    layer_types: list | None = None
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            self.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "linear":
+            raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r}: Gemma 3 scales linearly")
+
+    @classmethod
+    def from_hf(cls, d):
+        """The config from a parsed gemma3_text config.json (every layout)."""
+        d = dict(d)
+        # transformers 5 writes one rope_parameters entry per layer type; the Hub
+        # files of the released models have rope_theta, rope_local_base_freq and
+        # rope_scaling (the global layers' scaling) at the top level.
+        if "rope_parameters" in d and d["rope_parameters"]:
+            rope = d["rope_parameters"]
+            if rope.get("sliding_attention", {}).get("rope_type", "default") != "default":
+                raise ValueError(f"unsupported rope_type {rope['sliding_attention']['rope_type']!r} on local layers")
+            d["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", cls.rope_theta)
+            d["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta", cls.rope_local_base_freq)
+            d["rope_scaling"] = rope.get("full_attention")
+        scaling = d.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            d["rope_scaling"] = None if kind == "default" else {"rope_type": kind, "factor": float(scaling.get("factor", 1.0))}
+        # Older files give the pattern as a number n: every n-th layer is global.
+        if d.get("layer_types") is None and d.get("sliding_window_pattern"):
+            n = d["sliding_window_pattern"]
+            d["layer_types"] = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(d["num_hidden_layers"])]
+        # transformers keeps the Gemma 2 soft-cap fields (null in every release) and
+        # an embedding-model switch; neither is Gemma 3's decoder.
+        for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+            if d.get(key):
+                raise ValueError(f"{key}={d[key]!r} is not supported: Gemma 3 has no soft-cap and attends causally")
+        # The tanh GELU, whichever of the two keys names it (HF PR #29402).
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in ("gelu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {act!r}: Gemma uses the tanh GELU")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Hugging Face config.json values of the released text models (transformers'
+# convert_gemma3_weights.py, the Hub config.json files); 4B, 12B and 27B are the
+# text towers of the multimodal checkpoints.
+CONFIGS = {
+    "gemma-3-270m": Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=32768,
+        sliding_window=512,
+    ),
+    "gemma-3-1b": Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=32768,
+        sliding_window=512,
+    ),
+    "gemma-3-4b": Gemma3TextConfig(
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        sliding_window=1024,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    ),
+    "gemma-3-12b": Gemma3TextConfig(
+        hidden_size=3840,
+        intermediate_size=15360,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        sliding_window=1024,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    ),
+    "gemma-3-27b": Gemma3TextConfig(
+        hidden_size=5376,
+        intermediate_size=21504,
+        num_hidden_layers=62,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        # hidden_size / num_attention_heads = 168, not head_dim = 128, as in
+        # Gemma 2 27B (the Hub config.json).
+        query_pre_attn_scalar=168,
+        sliding_window=1024,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        # In float32, and the weight applied as (1 + w) in float32 before the cast
+        # back: casting first and then multiplying changes bf16 results
+        # (HF PR #29402, gemma_pytorch PR #67).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """Rotate each (i, i + H/2) pair of x by its angle ("rotate half", HF layout).
+
+    x (B, N, T, H); cos, sin (B, 1, T, H/2). Computed in float32 (RoFormer eq. 34).
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, N, T, H/2) each
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, N, T, H)
+    return out.to(x.dtype)
+
+
+def rope_angles(positions, head_dim, theta, factor=1.0):
+    """cos and sin of (position / factor) * theta^(-2i/H) for i < H/2, in float32."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    # Linear scaling (positional interpolation, arXiv 2306.15595): with factor 8 a
+    # global layer turns position p as it would turn p / 8 (Gemma 3 report sec. 2).
+    inv_freq = inv_freq / factor
+    angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, H/2)
+    return angles.cos(), angles.sin()
+
+
+def attention_mask(query_slots, key_slots, pad, window=None):
+    """Which keys each query may see: (B, 1, T, S) booleans, True = visible.
+
+    Query t sits in cache slot query_slots[t]; it sees slots j <= its own, except
+    the left padding of its row (slots j < pad[b]). With a window W it sees only
+    the last W slots, i - W < j <= i (HF #31781 is this bound off by one).
+    Key s comes from slot key_slots[s], in any order: a full cache returns slots
+    0 .. S-1, a ring buffer its window and then the new keys (see RingKVCache),
+    with -1 for an empty slot, which is hidden as padding is.
+    Global (left) and sliding with W = 3 (right), "x" = visible:
+
+        key    0 1 2 3 4 5          key    0 1 2 3 4 5
+        q 0    x . . . . .          q 0    x . . . . .
+        q 1    x x . . . .          q 1    x x . . . .
+        q 2    x x x . . .          q 2    x x x . . .
+        q 3    x x x x . .          q 3    . x x x . .
+        q 4    x x x x x .          q 4    . . x x x .
+        q 5    x x x x x x          q 5    . . . x x x
+
+    Left padding hides the first pad[b] columns of row b in both.
+    """
+    i = query_slots[:, None]  # (T, 1)
+    j = key_slots[None, :]  # (1, S)
+    visible = j <= i  # (T, S)
+    if window is not None:
+        visible = visible & (j > i - window)
+    not_pad = j >= pad[:, None]  # (B, S)
+    return (visible[None, :, :] & not_pad[:, None, :])[:, None]  # (B, 1, T, S)
+
+
+class KVCache(nn.Module):
+    """Keys and values of one global layer for every slot of the sequence, preallocated.
+
+    Sized once to prompt + new tokens, written in place: no reallocation while
+    decoding, and fixed shapes, which torch.compile and CUDA graphs need.
+    """
+
+    def __init__(self, batch, kv_heads, length, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, length, head_dim)  # (B, K, S, H)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def key_slots(self, slots):
+        """The slot of each key that update returns: all of them, in order."""
+        return torch.arange(self.k.shape[2], device=slots.device)  # (S,)
+
+    def update(self, slots, k, v):
+        self.k[:, :, slots] = k  # k, v (B, K, T, H) into slots (T,)
+        self.v[:, :, slots] = v
+        return self.k, self.v  # (B, K, S, H)
+
+
+class RingKVCache(nn.Module):
+    """Keys and values of one local layer for its last W slots only: a ring buffer.
+
+    A local layer never looks further back than the window W, so its cache needs
+    W entries, not one per position: slot s lives at entry s % W, and each new
+    key overwrites the one W slots older (Gemma 3 report sec. 5.2: the 5:1 ratio
+    and the short window are there to shrink the KV cache). Per token and layer a
+    cache holds 2 * K * H values (a key and a value per kv head); for S tokens
+
+        full cache on every layer:  2 * K * H * S * L
+        ring on the local layers:   2 * K * H * (S * L_global + min(S, W) * L_local)
+
+    gemma-3-1b (L = 26: 4 global, 22 local; K = 1, H = 256, W = 512) at S = 32768
+    in bf16: 1 KiB per token and layer, so 26 * 32768 KiB = 832 MiB for a full
+    cache against (4 * 32768 + 22 * 512) KiB = 139 MiB with rings, 6x less.
+
+    update returns the ring as it was plus the T new keys, then keeps the last W
+    of those: a chunk of T tokens (T may exceed W) needs the W - 1 keys before
+    it and itself, which is exactly that, and the mask, built from the slot of
+    each key (key_slots), hides the rest. The ring has a fixed size, so decode
+    keeps static shapes for torch.compile.
+    """
+
+    def __init__(self, batch, kv_heads, window, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, window, head_dim)  # (B, K, W, H)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # The slot held by each entry; -1: empty, which the mask treats as padding.
+        self.register_buffer("slots", torch.full((window,), -1, device=device), persistent=False)
+
+    def key_slots(self, slots):
+        """The slot of each key that update returns: the ring's, then the new ones."""
+        return torch.cat([self.slots, slots])  # (W + T,)
+
+    def update(self, slots, k, v):
+        W = self.slots.shape[0]
+        keys = torch.cat([self.k, k], dim=2)  # (B, K, W + T, H)
+        values = torch.cat([self.v, v], dim=2)  # (B, K, W + T, H)
+        keep = slots[-W:]  # the last W new slots (all of them when T <= W)
+        self.k[:, :, keep % W] = k[:, :, -W:]  # k, v (B, K, T, H)
+        self.v[:, :, keep % W] = v[:, :, -W:]
+        self.slots[keep % W] = keep
+        return keys, values
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, N, K, H = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = N, K, H
+        self.scale = config.query_pre_attn_scalar**-0.5
+        self.q_proj = nn.Linear(D, N * H, bias=False)
+        self.k_proj = nn.Linear(D, K * H, bias=False)
+        self.v_proj = nn.Linear(D, K * H, bias=False)
+        self.o_proj = nn.Linear(N * H, D, bias=False)
+        # QK-norm: an RMSNorm over head_dim on each query and key head, in place of
+        # the attention soft-cap (Gemma 3 report sec. 2).
+        self.q_norm = RMSNorm(H, config.rms_norm_eps)
+        self.k_norm = RMSNorm(H, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, slots, cache=None):
+        B, T, _ = x.shape
+        N, K, H = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, N, H).transpose(1, 2)  # (B, N, T, H)
+        k = self.k_proj(x).view(B, T, K, H).transpose(1, 2)  # (B, K, T, H)
+        v = self.v_proj(x).view(B, T, K, H).transpose(1, 2)  # (B, K, T, H)
+        q, k = self.q_norm(q), self.k_norm(k)  # before RoPE, as in transformers
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(slots, k, v)  # (B, K, S, H)
+        # Multi-query / grouped-query attention: each key/value head serves N // K
+        # query heads (arXiv 2305.13245).
+        k = k.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
+        v = v.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
+
+        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, N, T, S)
+        # The most negative float rather than -inf: a query that sees nothing (a
+        # left-padding slot) then averages instead of producing NaN.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # Softmax in float32, then back to the activation dtype, as in HF eager.
+        probs = scores.softmax(dim=-1).to(q.dtype)  # (B, N, T, S)
+        out = (probs @ v).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
+        return self.o_proj(out)  # (B, T, D)
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.down_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x):
+        # GeGLU (arXiv 2002.05202) with the tanh approximation of GELU.
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Gemma3Attention(config)
+        self.post_attention_layernorm = RMSNorm(D, eps)  # after attention, as named
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp = Gemma3MLP(config)
+        self.post_feedforward_layernorm = RMSNorm(D, eps)
+
+    def forward(self, x, cos, sin, mask, slots, cache=None):
+        # "Sandwich" norms: each sub-block's output is normalised before it joins
+        # the residual stream (Gemma 2 paper sec. 2).
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x
+
+
+class Gemma3TextModel(nn.Module):
+    """The body: token ids (B, T) to final normed hidden states (B, T, D)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, tokens, slots=None, cache=None, pad=None):
+        """tokens (B, T). Without a cache, a plain causal forward over T tokens.
+
+        With `cache` (from make_cache: a KVCache per global layer, a RingKVCache
+        per local one), `slots` (T,) are the cache slots the tokens fill, and `pad` (B,) counts the left-padding slots of each row,
+        which no query sees and which shift that row's RoPE positions.
+        """
+        B, T = tokens.shape
+        if slots is None:
+            slots = torch.arange(T, device=tokens.device)
+        if pad is None:
+            pad = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        c = self.config
+        masks = {}
+        for kind in set(c.layer_types):
+            # The slots of the keys this layer type attends over: the tokens
+            # themselves without a cache, else what its cache returns (every slot
+            # of a full cache; the window and the new slots of a ring).
+            key_slots = slots if cache is None else cache[c.layer_types.index(kind)].key_slots(slots)
+            window = c.sliding_window if kind == "sliding_attention" else None
+            masks[kind] = attention_mask(slots, key_slots, pad, window)  # (B, 1, T, S)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        # Two RoPE bases, and the linear scaling on global layers only (Gemma 3
+        # report sec. 2, "Long context").
+        factor = c.rope_scaling["factor"] if c.rope_scaling else 1.0
+        angles = {
+            "full_attention": rope_angles(positions, c.head_dim, c.rope_theta, factor),
+            "sliding_attention": rope_angles(positions, c.head_dim, c.rope_local_base_freq),
+        }
+
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        # Scale by sqrt(D), the scalar cast to the activation dtype first: in bf16
+        # sqrt(3072) = 55.4256 becomes 55.5, and that is the reference (HF PR #29402).
+        x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
+        for i, layer in enumerate(self.layers):
+            cos, sin = angles[c.layer_types[i]]
+            mask = masks[c.layer_types[i]]
+            x = layer(x, cos, sin, mask, slots, cache[i] if cache is not None else None)
+        return self.norm(x)  # (B, T, D)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Gemma3TextModel(config)
+
+    def forward(self, tokens, slots=None, cache=None, pad=None):
+        x = self.model(tokens, slots, cache, pad)  # (B, T, D)
+        # The LM head is the embedding matrix (tied weights, Gemma paper sec. 2).
+        # No final soft-cap in Gemma 3 (report sec. 2).
+        return F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, V)
+
+    def make_cache(self, batch, length):
+        """One preallocated cache per layer, in the dtype and device of the model:
+        a KVCache of `length` slots per global layer, a RingKVCache of the window
+        (or `length`, when shorter) per local one."""
+        c, w = self.config, self.model.embed_tokens.weight
+        return nn.ModuleList(
+            KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
+            if kind == "full_attention"
+            else RingKVCache(batch, c.num_key_value_heads, min(c.sliding_window, length), c.head_dim, w.dtype, w.device)
+            for kind in c.layer_types
+        )
+
+
+def sample(logits, temperature, top_k, top_p):
+    """One token per row from the last-position logits (B, V): greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p
+        # (nucleus sampling, arXiv 1904.09751).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]  # (B,)
+
+
+def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
+    """Refuse, with a message, what would otherwise fail deep inside torch."""
+    V, max_len = model.config.vocab_size, model.config.max_position_embeddings
+    for p in prompts:
+        if len(p) == 0:
+            raise ValueError("empty prompt: a Gemma prompt starts with at least the <bos> token")
+        bad = [t for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(
+                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
+                f"the model's {max_len} positions"
+            )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False):
+    """Yield one new token per prompt (B,) at each step; prompts is a list of lists.
+
+    Prompts of different lengths are left-padded into one batch: every row then
+    writes its n-th new token into the same cache slot, and the padding is
+    masked out and shifts that row's RoPE positions (see attention_mask).
+    compile=True runs the same forward through torch.compile (see compile_steps).
+    """
+    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    if max_new_tokens == 0:
+        return
+    device = model.model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
+    tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
+    prefill, decode = compile_steps(model) if compile else (model, model)
+    length = T + max_new_tokens
+    if compile:
+        # Compiled code is specialised to the cache size: rounding it up lets
+        # generations of similar lengths share one compiled graph. Slots past
+        # the current one are masked, so the extra ones change nothing.
+        length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
+    cache = model.make_cache(B, length)
+
+    logits = prefill(tokens, torch.arange(T, device=device), cache, pad)  # (B, T, V)
+    token = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
+    yield token
+    for slot in range(T, T + max_new_tokens - 1):
+        slots = torch.tensor([slot], device=device)
+        logits = decode(token[:, None], slots, cache, pad)  # (B, 1, V)
+        token = sample(logits[:, -1], temperature, top_k, top_p)
+        yield token
+
+
+def compile_steps(model):
+    """The prompt's forward (prefill) and the one-token forward (decode) through torch.compile.
+
+    The model code stays as it is: torch.compile traces it and fuses its small
+    operations into a few kernels. Decode always has the same shapes (B tokens,
+    a cache of fixed size), so it compiles with static shapes and, on CUDA, into
+    a CUDA graph (mode="reduce-overhead") that launches all its kernels at once:
+    for one token, launching kernels one by one takes longer than running them.
+    Prompt lengths vary, so prefill compiles with dynamic shapes. What is
+    compiled is kept with the model's code, so later calls find it again.
+    """
+    cuda = model.model.embed_tokens.weight.is_cuda
+    prefill = torch.compile(model, dynamic=True)
+    decode = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda else None)
+    return prefill, decode
+
+
+def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_tokens=(), compile=False):
+    """New tokens for one prompt (list of ints) or a batch (list of lists).
+
+    A prompt stops after max_new_tokens or after one of its stop tokens, which is
+    kept. compile=True runs the forward through torch.compile (see compile_steps).
+    """
+    single = len(tokens) == 0 or isinstance(tokens[0], int)  # [] is an empty prompt
+    prompts = [list(tokens)] if single else [list(p) for p in tokens]
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):
+        for row, t in enumerate(step.tolist()):
+            if not done[row]:
+                out[row].append(t)
+                done[row] = t in stop_tokens
+        if all(done):
+            break
+    return out[0] if single else out
