@@ -90,8 +90,10 @@ class Gemma3TextConfig:
             rope = d["rope_parameters"]
             if rope.get("sliding_attention", {}).get("rope_type", "default") != "default":
                 raise ValueError(f"unsupported rope_type {rope['sliding_attention']['rope_type']!r} on local layers")
-            d["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", cls.rope_theta)
-            d["rope_local_base_freq"] = rope.get("sliding_attention", {}).get("rope_theta", cls.rope_local_base_freq)
+            # An entry without rope_theta keeps the top-level value, as transformers does.
+            d["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", d.get("rope_theta", cls.rope_theta))
+            local = rope.get("sliding_attention", {}).get("rope_theta", d.get("rope_local_base_freq", cls.rope_local_base_freq))
+            d["rope_local_base_freq"] = local
             d["rope_scaling"] = rope.get("full_attention")
         scaling = d.get("rope_scaling")
         if scaling is not None:

@@ -35,8 +35,11 @@ import torch
 
 import gemma
 import gemma2
+import gemma3
 
-FAMILIES = {"gemma": gemma, "gemma2": gemma2}  # config.json "model_type" -> module
+FAMILIES = {"gemma": gemma, "gemma2": gemma2, "gemma3_text": gemma3}  # config.json "model_type" -> module
+CONFIG_CLASSES = {"gemma": gemma.GemmaConfig, "gemma2": gemma2.Gemma2Config, "gemma3_text": gemma3.Gemma3TextConfig}
+CLASS_PREFIXES = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}  # + "ForCausalLM", ...
 HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
 # madvise, for the tensors torch.load maps too (Python's mmap.madvise cannot reach them).
 LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None
@@ -221,7 +224,44 @@ def read(path):
     """(config dict, {name: (file, tensor)}) of a checkpoint in either format."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    return read_hf(path) if path.is_dir() else read_ckpt(path)
+    return gemma3_text_tower(*read_hf(path), path) if path.is_dir() else read_ckpt(path)
+
+
+# The text tower of a multimodal Gemma 3 checkpoint: its tensor names, by layout.
+# language_model.model.*: the Hub files and what transformers 5's save_pretrained
+# writes; model.language_model.*: Gemma3ForConditionalGeneration's own names
+# (written as they are by transformers 4.52 to 4.57); language_model.*: Gemma3Model's.
+GEMMA3_TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "language_model.")
+GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def gemma3_text_tower(config, tensors, source):
+    """A multimodal Gemma 3 checkpoint (model_type "gemma3": Gemma3ForConditionalGeneration
+    or Gemma3Model) as the gemma3_text model of its text tower; any other unchanged.
+
+    The config is the nested text_config: the fields it leaves out take
+    transformers' Gemma3TextConfig defaults, which are gemma3.Gemma3TextConfig's
+    own. The text tensors are renamed to Gemma3ForCausalLM's names, and the
+    vision tower and projector are skipped, with a message saying so.
+    """
+    if config.get("model_type") != "gemma3":
+        return config, tensors
+    text = dict(config.get("text_config") or {})
+    text["model_type"], text["architectures"] = "gemma3_text", ["Gemma3ForCausalLM"]
+    if "eos_token_id" not in text and "eos_token_id" in config:  # the -it files list <end_of_turn> there
+        text["eos_token_id"] = config["eos_token_id"]
+    renamed, skipped = {}, 0
+    for name, t in tensors.items():
+        if name in ("lm_head.weight", "language_model.lm_head.weight"):
+            renamed["lm_head.weight"] = t  # accepted only if tied (check_tensors)
+        elif name.startswith(GEMMA3_VISION_PREFIXES):
+            skipped += 1
+        else:
+            prefix = next((p for p in GEMMA3_TEXT_PREFIXES if name.startswith(p)), None)
+            renamed["model." + name.removeprefix(prefix) if prefix else name] = t  # else: unexpected, check_tensors says so
+    print(f"{source}: a multimodal Gemma 3 checkpoint: loading its text tower, "
+          f"skipping the {skipped} tensors of the vision tower and projector", file=sys.stderr)
+    return text, renamed
 
 
 def model_config(config, source):
@@ -231,7 +271,7 @@ def model_config(config, source):
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
     module = FAMILIES[family]
     try:
-        return module, (module.GemmaConfig if family == "gemma" else module.Gemma2Config).from_hf(config)
+        return module, CONFIG_CLASSES[family].from_hf(config)
     except (TypeError, ValueError) as e:  # an unsupported setting, a wrong type, ...
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -243,7 +283,9 @@ def build(config, source):
     head = next((h for h in HEADS if arch.endswith(h)), None)
     if head is None:
         raise CheckpointError(f"{source}: architecture {arch!r} is not one of {HEADS}")
-    cls = getattr(module, ("Gemma" if module is gemma else "Gemma2") + head)
+    cls = getattr(module, CLASS_PREFIXES[config["model_type"]] + head, None)
+    if cls is None:  # gemma3.py has a causal LM only
+        raise CheckpointError(f"{source}: architecture {arch!r}: {module.__name__}.py has no {head} head")
     with torch.device("meta"):
         if head == "ForCausalLM":
             return cls(cfg)
@@ -368,7 +410,7 @@ def load_tokenizer(path):
 
 def hf_config(model):
     """config.json for a model: every config field under its HF name."""
-    family = "gemma2" if isinstance(model.config, gemma2.Gemma2Config) else "gemma"
+    family = {cls: name for name, cls in CONFIG_CLASSES.items()}[type(model.config)]
     config = {"architectures": [type(model).__name__], "model_type": family, **vars(model.config)}
     if hasattr(model, "score"):
         config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.score.out_features)}
