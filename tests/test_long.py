@@ -131,9 +131,9 @@ def test_bf16_prompt_of_3_tokens_left_padded_to_200_gets_its_logits_alone(family
     logits = ours(batch, torch.arange(200), ours.make_cache(2, 200), torch.tensor([197, 0]))
     assert logits[0, -3:].isfinite().all() and logits[1].isfinite().all()
     # The padded batch does the same math as each prompt alone, over keys that
-    # are masked instead of absent (measured: bit-equal on a CPU). 0.125 is one
-    # bf16 step at the largest logits here (about 35), for kernels that block
-    # the sums differently.
+    # are masked instead of absent (measured: bit-equal on a CPU). 0.125 is half
+    # a bf16 step between 32 and 64, where the largest logits here (about 35)
+    # lie: room for kernels that block the sums differently, not for a NaN.
     torch.testing.assert_close(logits[0, -3:], ours(short)[0], atol=0.125, rtol=0)
     torch.testing.assert_close(logits[1], ours(long)[0], atol=0.125, rtol=0)
 
