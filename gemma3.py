@@ -331,18 +331,20 @@ class Gemma3Attention(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, K, S, H)
-        # Multi-query / grouped-query attention: each key/value head serves N // K
-        # query heads (arXiv 2305.13245).
-        k = k.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
-        v = v.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
-
-        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, N, T, S)
+        # Multi-query / grouped-query attention (arXiv 2305.13245): query heads
+        # k*G ... k*G + G-1 share key/value head k. Stacking those G heads along T
+        # makes one matmul per key/value head that reads the cache in place: no
+        # copy of the keys per query head.
+        G = N // K
+        q = q.reshape(B, K, G * T, H)  # (B, K, G*T, H)
+        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, K, G*T, S)
+        scores = scores.view(B, K, G, T, -1)  # (B, K, G, T, S)
         # The most negative float rather than -inf: a query that sees nothing (a
         # left-padding slot) then averages instead of producing NaN.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)  # mask (B, 1, 1, T, S)
         # Softmax in float32, then back to the activation dtype, as in HF eager.
-        probs = scores.softmax(dim=-1).to(q.dtype)  # (B, N, T, S)
-        out = (probs @ v).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
+        probs = scores.softmax(dim=-1).to(q.dtype).view(B, K, G * T, -1)  # (B, K, G*T, S)
+        out = (probs @ v).view(B, N, T, H).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
         return self.o_proj(out)  # (B, T, D)
 
 
@@ -391,9 +393,10 @@ class Gemma3TextModel(nn.Module):
     def forward(self, tokens, slots=None, cache=None, pad=None):
         """tokens (B, T). Without a cache, a plain causal forward over T tokens.
 
-        With `cache` (from make_cache: a KVCache per global layer, a RingKVCache
-        per local one), `slots` (T,) are the cache slots the tokens fill, and `pad` (B,) counts the left-padding slots of each row,
-        which no query sees and which shift that row's RoPE positions.
+        With `cache` (make_cache: a KVCache per global layer, a RingKVCache per
+        local one), `slots` (T,) are the cache slots the tokens fill, and `pad` (B,)
+        counts the left-padding slots of each row, which no query sees and which
+        shift that row's RoPE positions.
         """
         B, T = tokens.shape
         if slots is None:
@@ -436,10 +439,12 @@ class Gemma3ForCausalLM(nn.Module):
         self.model = Gemma3TextModel(config)
 
     def forward(self, tokens, slots=None, cache=None, pad=None):
-        x = self.model(tokens, slots, cache, pad)  # (B, T, D)
+        return self.logits(self.model(tokens, slots, cache, pad))  # (B, T, V)
+
+    def logits(self, x):
         # The LM head is the embedding matrix (tied weights, Gemma paper sec. 2).
         # No final soft-cap in Gemma 3 (report sec. 2).
-        return F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, V)
+        return F.linear(x, self.model.embed_tokens.weight).float()  # (..., V)
 
     def make_cache(self, batch, length):
         """One preallocated cache per layer, in the dtype and device of the model:
@@ -495,8 +500,14 @@ def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+# Prompt tokens per forward while prefilling (see stream): large enough that each
+# chunk's matmuls run at full speed, small enough that its attention scores
+# (B, N, chunk, S) in float32 stay a few hundred MB at S = 8192.
+PREFILL_CHUNK = 512
+
+
 @torch.no_grad()
-def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False):
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False, prefill_chunk=PREFILL_CHUNK):
     """Yield one new token per prompt (B,) at each step; prompts is a list of lists.
 
     Prompts of different lengths are left-padded into one batch: every row then
@@ -511,7 +522,7 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
     B, T = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
-    prefill, decode = compile_steps(model) if compile else (model, model)
+    prefill, decode = compile_steps(model) if compile else (model.model, model)
     length = T + max_new_tokens
     if compile:
         # Compiled code is specialised to the cache size: rounding it up lets
@@ -520,8 +531,12 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
         length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
     cache = model.make_cache(B, length)
 
-    logits = prefill(tokens, torch.arange(T, device=device), cache, pad)  # (B, T, V)
-    token = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
+    # The prompt goes through the body in chunks that fill the cache: a chunk's scores
+    # are (B, N, chunk, S), never (B, N, T, T), and only the last position needs logits.
+    for a in range(0, T, prefill_chunk):
+        slots = torch.arange(a, min(a + prefill_chunk, T), device=device)  # (chunk,)
+        x = prefill(tokens[:, a : a + prefill_chunk], slots, cache, pad)  # (B, chunk, D)
+    token = sample(model.logits(x[:, -1]), temperature, top_k, top_p)  # (B,)
     yield token
     for slot in range(T, T + max_new_tokens - 1):
         slots = torch.tensor([slot], device=device)
@@ -531,7 +546,7 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
 
 
 def compile_steps(model):
-    """The prompt's forward (prefill) and the one-token forward (decode) through torch.compile.
+    """The body over a prompt chunk (prefill) and the one-token forward (decode), compiled.
 
     The model code stays as it is: torch.compile traces it and fuses its small
     operations into a few kernels. Decode always has the same shapes (B tokens,
@@ -542,7 +557,7 @@ def compile_steps(model):
     compiled is kept with the model's code, so later calls find it again.
     """
     cuda = model.model.embed_tokens.weight.is_cuda
-    prefill = torch.compile(model, dynamic=True)
+    prefill = torch.compile(model.model, dynamic=True)
     decode = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda else None)
     return prefill, decode
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hf_oracle as oracle
-from gemma3 import CONFIGS, Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel, KVCache, RingKVCache, generate
+from gemma3 import CONFIGS, Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel, KVCache, RingKVCache, generate, stream
 
 # float32 parity bound on logits of O(1-10), as in test_gemma2.py: the same
 # math in another order leaves ~1e-5 relative; measured below 1e-5 here.
@@ -272,6 +272,15 @@ def test_greedy_generate_equals_transformers_greedy_generate_across_several_wind
     expected = oracle.hf_greedy(hf, PROMPT, n)
     assert len(set(expected)) >= 15  # not one token repeated
     assert generate(ours, PROMPT, n) == expected
+
+
+@pytest.mark.parametrize("chunk", [2, W, 8, 13])
+def test_generation_after_a_prefill_in_chunks_shorter_or_longer_than_the_window_equals_transformers(gen_pair, chunk):
+    hf, ours = gen_pair
+    prompt = PROMPT + tokens(1, 20, seed=6)[0].tolist()  # 25 tokens, 5 windows
+    expected = oracle.hf_greedy(hf, prompt, 15)
+    assert len(set(expected)) >= 5
+    assert [t.item() for t in stream(ours, [prompt], 15, prefill_chunk=chunk)] == expected
 
 
 def test_each_prompt_of_a_left_padded_batch_gets_the_tokens_it_gets_alone(gen_pair):
