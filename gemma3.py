@@ -87,14 +87,14 @@ class Gemma3TextConfig:
         # files of the released models have rope_theta, rope_local_base_freq and
         # rope_scaling (the global layers' scaling) at the top level.
         if "rope_parameters" in d and d["rope_parameters"]:
-            rope = d["rope_parameters"]
-            if rope.get("sliding_attention", {}).get("rope_type", "default") != "default":
-                raise ValueError(f"unsupported rope_type {rope['sliding_attention']['rope_type']!r} on local layers")
-            # An entry without rope_theta keeps the top-level value, as transformers does.
-            d["rope_theta"] = rope.get("full_attention", {}).get("rope_theta", d.get("rope_theta", cls.rope_theta))
-            local = rope.get("sliding_attention", {}).get("rope_theta", d.get("rope_local_base_freq", cls.rope_local_base_freq))
-            d["rope_local_base_freq"] = local
-            d["rope_scaling"] = rope.get("full_attention")
+            full = d["rope_parameters"].get("full_attention") or {}
+            local = d["rope_parameters"].get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"unsupported rope_type {local['rope_type']!r} on local layers")
+            # An entry without rope_theta keeps the top-level value, as in transformers.
+            d["rope_theta"] = full.get("rope_theta", d.get("rope_theta", cls.rope_theta))
+            d["rope_local_base_freq"] = local.get("rope_theta", d.get("rope_local_base_freq", cls.rope_local_base_freq))
+            d["rope_scaling"] = full
         scaling = d.get("rope_scaling")
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
@@ -144,6 +144,8 @@ CONFIGS = {
         hidden_size=2560,
         intermediate_size=10240,
         num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
         sliding_window=1024,
         rope_scaling={"rope_type": "linear", "factor": 8.0},
     ),

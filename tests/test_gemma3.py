@@ -388,6 +388,24 @@ def test_transformers_reads_the_released_config_files_as_our_presets(preset):
     assert Gemma3TextConfig.from_hf(written) == CONFIGS[preset]
 
 
+OTHER_FORMS = {
+    # transformers 4.5x: rope_parameters without rope_theta, the bases at the top level.
+    "rope_parameters_without_bases": {
+        "rope_scaling": None,
+        "rope_theta": 1_000_000,
+        "rope_local_base_freq": 10_000,
+        "rope_parameters": {"full_attention": {"factor": 8.0, "rope_type": "linear"}, "sliding_attention": {"rope_type": "default"}},
+    },
+    # Older rope_scaling dicts say "type", not "rope_type".
+    "rope_scaling_with_type": {"rope_scaling": {"factor": 8.0, "type": "linear"}},
+}
+
+
+@pytest.mark.parametrize("form", OTHER_FORMS.values(), ids=OTHER_FORMS.keys())
+def test_from_hf_reads_the_other_rope_forms_found_in_config_files(form):
+    assert Gemma3TextConfig.from_hf(HUB_TEXT_CONFIG["gemma-3-27b"] | form) == CONFIGS["gemma-3-27b"]
+
+
 def test_our_defaults_are_transformers_gemma3_text_config_defaults():
     # What the multimodal files leave out must read as transformers reads it.
     assert Gemma3TextConfig.from_hf(oracle.hf_config("gemma3").to_dict()) == Gemma3TextConfig()
