@@ -439,6 +439,20 @@ def test_preset_parameter_count_and_names_equal_transformers(preset):
     assert {k: v.shape for k, v in ours.state_dict().items()} == hf_shapes
 
 
+# Gemma 3 report (arXiv 2503.19786) Table 1, non-embedding parameters in
+# millions (the 270M came later and is not in it). The table's embedding
+# column (302M, 675M, 1,012M, 1,416M) matches vocab x hidden for the 1B only.
+REPORT_NON_EMBEDDING_M = {"gemma-3-1b": 698, "gemma-3-4b": 3209, "gemma-3-12b": 10759, "gemma-3-27b": 25600}
+
+
+@pytest.mark.parametrize("preset", REPORT_NON_EMBEDDING_M.keys())
+def test_preset_non_embedding_parameters_equal_the_reports_table_1(preset):
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(CONFIGS[preset])
+    n = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    assert round(n / 1e6) == REPORT_NON_EMBEDDING_M[preset]
+
+
 def test_state_dict_holds_exactly_the_transformers_names_less_the_tied_lm_head():
     hf = oracle.hf_causal_lm("gemma3", **TINY)
     ours = Gemma3ForCausalLM(Gemma3TextConfig(**TINY))
