@@ -278,11 +278,19 @@ class RingKVCache(nn.Module):
     in bf16: 1 KiB per token and layer, so 26 * 32768 KiB = 832 MiB for a full
     cache against (4 * 32768 + 22 * 512) KiB = 139 MiB with rings, 6x less.
 
+    W = 4, slots 0 .. 5 written, decoding slot 6:
+
+        entry        0  1  2  3
+        slot held    4  5  2  3     keys: slots 4 5 2 3 and the new 6; the window
+                                    of slot 6 is 3 .. 6, so the mask hides slot 2,
+                                    and 6 then overwrites it at entry 6 % 4 = 2.
+
     update returns the ring as it was plus the T new keys, then keeps the last W
     of those: a chunk of T tokens (T may exceed W) needs the W - 1 keys before
-    it and itself, which is exactly that, and the mask, built from the slot of
+    it and itself, which is among them, and the mask, built from the slot of
     each key (key_slots), hides the rest. The ring has a fixed size, so decode
-    keeps static shapes for torch.compile.
+    keeps static shapes for torch.compile. (make_cache sizes it to the whole
+    sequence instead when that is shorter than the window.)
     """
 
     def __init__(self, batch, kv_heads, window, head_dim, dtype, device):
