@@ -35,8 +35,9 @@ The context sweep (--sweep): each family at the layer widths of one official
 model (SWEEP_PRESETS) with --layers layers and a 4096-token vocabulary; for
 each --lengths prompt, in increasing order, one generation of --new-tokens
 tokens after a short warm-up: prefill seconds (to the first new token), the
-prefill's peak RSS above the RSS after loading (VmHWM reset just before the
-prefill, read when the first token reaches the host), and decode ms/token.
+prefill's peak RSS above the RSS of the loaded model with every weight read
+(VmHWM reset just before the prefill, read when the first token reaches the
+host), and decode ms/token over the tokens after the first.
 """
 
 import argparse
@@ -192,7 +193,7 @@ def sweep(args, info):
             "settings": {"lengths": lengths, "new_tokens": args.new_tokens, "dtype": dtype, "threads": args.threads, "device": args.device}}
     report.save(report.sweep_report(rows, args.impls, shapes, info, args), data, args.md, args.json)
     plot = args.plot or str(Path(__file__).with_name(f"context-sweep-{args.device.split(':')[0]}.png"))
-    report.sweep_plot(rows, args.impls, info, args, plot)
+    report.sweep_plot(rows, args.impls, shapes, info, args, plot)
     print(f"plot: {plot}", file=sys.stderr)
 
 
@@ -210,7 +211,7 @@ def main(argv=None):
                    help="load and measure every implementation this many times, alternating them; the median round is reported")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens for prefill")
     p.add_argument("--decode-prompt-len", type=int, default=16, help="prompt tokens before the decode steps")
-    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per decode run, batch 1 (default 128; 24 for --sweep)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per decode run, batch 1 (default 128; 32 for --sweep)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: torch's choice)")
     p.add_argument("--bandwidth-bytes", type=float, default=None, help="size of the bandwidth probes (default 1 GB CPU, 4 GB CUDA)")
     p.add_argument("--tmp", default=None, help="where to write the temporary checkpoints (default: the system's)")
@@ -234,7 +235,7 @@ def main(argv=None):
         return
 
     args.impls = (args.impls or ("ours,hf-eager,hf-sdpa" if args.sweep else ",".join(IMPLS))).split(",")
-    args.new_tokens = args.new_tokens or (24 if args.sweep else 128)
+    args.new_tokens = args.new_tokens or (32 if args.sweep else 128)
     for x in args.impls:
         if x not in IMPLS:
             sys.exit(f"error: unknown implementation {x!r}; use {', '.join(IMPLS)}")

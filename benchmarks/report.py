@@ -127,8 +127,8 @@ def sweep_table(rows, impls):
 
 
 def sweep_report(rows, impls, shapes, info, args):
-    shape = "; ".join(f"{f}: hidden {s['hidden_size']}, {s['num_attention_heads']} heads, {s['num_key_value_heads']} KV heads, "
-                      f"head_dim {s['head_dim']}, ffn {s['intermediate_size']}, {s['num_hidden_layers']} layers, vocab {s['vocab_size']}"
+    shape = "; ".join(f"{f}: hidden {s['hidden_size']}, {s['num_attention_heads']} heads, {s['num_key_value_heads']} KV head(s), "
+                      f"head_dim {s['head_dim']}, ffn {s['intermediate_size']}, {s['num_hidden_layers']} layer(s), vocab {s['vocab_size']}"
                       for f, s in shapes.items())
     errors = [f"- {r['family']} {r['impl']}: error: {r['error'].splitlines()[-1]}" for r in rows if "error" in r]
     return "\n".join([
@@ -141,14 +141,16 @@ def sweep_report(rows, impls, shapes, info, args):
         "new token on the host; decode ms/token = time from the first to the last new token / (tokens - 1); "
         "ours/best HF = the faster transformers' ms/token over ours (above 1: ours is faster)",
         "- prefill GB: peak RSS while prefilling (VmHWM reset to the RSS just before, read when the first token reaches "
-        "the host) minus the RSS after loading; every implementation in a fresh process, contexts in increasing order",
+        "the host) minus the RSS of the loaded model once every weight has been read (both loaders memory-map the file), "
+        "so it also counts what a short warm-up generation left resident (tens of MB); every implementation in a fresh "
+        "process, contexts in increasing order",
         "",
         sweep_table([r for r in rows if "error" not in r], impls),
         *([""] + errors if errors else []),
     ])
 
 
-def sweep_plot(rows, impls, info, args, path):
+def sweep_plot(rows, impls, shapes, info, args, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,10 +171,13 @@ def sweep_plot(rows, impls, info, args, path):
                     ax.plot(*zip(*pts), styles[fi % len(styles)], marker="o", color=colors[impl], label=f"{family} {impl}")
         ax.set_xlabel("context: prompt length (tokens)")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"Context sweep, {args.dtypes or 'fp32'}, batch 1, random weights at real layer widths, "
-                 f"{args.layers} layers\n{describe(info, args.threads)}", fontsize=10)
+    widths = "; ".join(f"{f}: hidden {s['hidden_size']}, ffn {s['intermediate_size']}, {s['num_attention_heads']} heads, "
+                       f"{s['num_key_value_heads']} KV" for f, s in shapes.items())
+    fig.suptitle(f"Context sweep: {args.dtypes or 'fp32'}, batch 1, greedy, {args.new_tokens} new tokens; random weights, "
+                 f"{args.layers} layer(s), {widths}\n{describe(info, args.threads)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
