@@ -41,6 +41,7 @@ host), and decode ms/token over the tokens after the first.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -92,24 +93,30 @@ def expand_models(names):
     return out
 
 
-def write(name, source, dtype, args):
-    """(temporary directory, checkpoint description or {"error"}) of one model in one dtype."""
+@contextlib.contextmanager
+def checkpoint(name, source, dtype, args):
+    """(directory, description or {"error": ...}) of a checkpoint written to a
+    temporary directory for the time of the block."""
     tmp = tempfile.mkdtemp(prefix=f"bench-{name}-{dtype}-", dir=args.tmp)
-    t = time.perf_counter()
-    ckpt = child({"task": "write", "device": args.device, "dtype": dtype, "out": tmp, **source}, args.timeout)
-    if "error" in ckpt:
-        print(f"{name} {dtype}: could not write the checkpoint: {ckpt['error']}", file=sys.stderr)
-    else:
-        print(f"{name} {dtype}: {ckpt['params'] / 1e6:.1f}M parameters, {ckpt['checkpoint_bytes'] / 1e9:.2f} GB "
-              f"written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    return tmp, ckpt
+    try:
+        t = time.perf_counter()
+        ckpt = child({"task": "write", "device": args.device, "dtype": dtype, "out": tmp, **source}, args.timeout)
+        if "error" in ckpt:
+            print(f"{name} {dtype}: could not write the checkpoint: {ckpt['error']}", file=sys.stderr)
+        else:
+            print(f"{name} {dtype}: {ckpt['params'] / 1e6:.1f}M parameters, {ckpt['checkpoint_bytes'] / 1e9:.2f} GB "
+                  f"written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        yield tmp, ckpt
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(spec, ckpt, args):
+def run(spec, path, ckpt, args):
     """One implementation on one checkpoint, in a fresh process, from the page cache."""
-    read_through(spec["checkpoint"])
+    read_through(path)
     t = time.perf_counter()
-    r = child({**spec, "device": args.device, "vocab_size": ckpt["shape"]["vocab_size"], "threads": args.threads}, args.timeout)
+    spec = {**spec, "checkpoint": path, "device": args.device, "vocab_size": ckpt["shape"]["vocab_size"], "threads": args.threads}
+    r = child(spec, args.timeout)
     speeds = f", prefill {r['prefill_tok_s']:.1f} tok/s, decode {r['decode_tok_s']:.2f} tok/s" if "decode_tok_s" in r else ""
     print(f"  {spec['impl']}: " + (f"error: {r['error']}" if "error" in r else f"load {r['load_s']:.2f} s{speeds}")
           + f" ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
@@ -130,8 +137,7 @@ def speed(args, info):
     common = {k: getattr(args, k) for k in ("runs", "prompt_len", "decode_prompt_len", "new_tokens")}
     for name, source in models:
         for dtype in dtypes:
-            tmp, ckpt = write(name, source, dtype, args)
-            try:
+            with checkpoint(name, source, dtype, args) as (path, ckpt):
                 if "error" in ckpt:
                     rows.append({"model": name, "dtype": dtype, "impl": "all", "error": ckpt["error"]})
                     continue
@@ -139,18 +145,15 @@ def speed(args, info):
                 rounds = {i: [] for i in todo}
                 for rnd in range(args.rounds):  # alternate the order, for the neighbours' load to fall on both sides
                     for impl in todo if rnd % 2 == 0 else todo[::-1]:
-                        spec = {"task": "run", "impl": impl, "dtype": dtype, "checkpoint": tmp, **common}
-                        rounds[impl].append(run(spec, ckpt, args))
-                for impl in todo:
-                    ok = sorted((r for r in rounds[impl] if "error" not in r), key=lambda r: r["decode_tok_s"])
-                    if not ok:
-                        rows.append({"model": name, "dtype": dtype, "impl": impl, "error": rounds[impl][0]["error"]})
-                        continue
-                    keep = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss")
-                    median = {**ok[(len(ok) - 1) // 2], "rounds": [{k: r[k] for k in keep} for r in ok]}
-                    rows.append({"model": name, "dtype": dtype, "impl": impl, **ckpt, **median})
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                        rounds[impl].append(run({"task": "run", "impl": impl, "dtype": dtype, **common}, path, ckpt, args))
+            for impl in todo:
+                ok = sorted((r for r in rounds[impl] if "error" not in r), key=lambda r: r["decode_tok_s"])
+                if not ok:
+                    rows.append({"model": name, "dtype": dtype, "impl": impl, "error": rounds[impl][0]["error"]})
+                    continue
+                keep = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss")
+                median = {**ok[(len(ok) - 1) // 2], "rounds": [{k: r[k] for k in keep} for r in ok]}
+                rows.append({"model": name, "dtype": dtype, "impl": impl, **ckpt, **median})
     mem_bw = report.derive(rows, bw, args.device)
     info["load_average_end"] = os.getloadavg()
     data = {"machine": info, "bandwidth": bw, "memory_bandwidth_Bps": mem_bw, "results": rows,
@@ -164,21 +167,21 @@ def sweep(args, info):
     dtype = args.dtypes or "fp32"
     overrides = {"vocab_size": 4096, "num_hidden_layers": args.layers,
                  "max_position_embeddings": max(8192, lengths[-1] + args.new_tokens)}
-    rows, shapes, known = [], {}, families()
-    for family in args.families.split(","):
+    known, names = families(), args.families.split(",")
+    for family in names:
         if family not in known or family not in SWEEP_PRESETS:
             sys.exit(f"error: unknown family {family!r}; use {', '.join(f for f in SWEEP_PRESETS if f in known)}")
+    rows, shapes = [], {}
+    for family in names:
         tiny = {k: v for k, v in SWEEP_TINY.items() if hasattr(known[family].CONFIGS[SWEEP_PRESETS[family]], k)}
         source = {"family": family, "preset": SWEEP_PRESETS[family], "overrides": {**overrides, **(tiny if args.widths == "tiny" else {})}}
-        tmp, ckpt = write(family, source, dtype, args)
-        try:
+        with checkpoint(family, source, dtype, args) as (path, ckpt):
             if "error" in ckpt:
                 rows.append({"family": family, "impl": "all", "error": ckpt["error"]})
                 continue
             shapes[family] = ckpt["shape"]
             for impl in impls_for(family, args.impls):
-                spec = {"task": "sweep", "impl": impl, "dtype": dtype, "checkpoint": tmp, "lengths": lengths, "new_tokens": args.new_tokens}
-                r = run(spec, ckpt, args)
+                r = run({"task": "sweep", "impl": impl, "dtype": dtype, "lengths": lengths, "new_tokens": args.new_tokens}, path, ckpt, args)
                 if "error" in r:
                     rows.append({"family": family, "impl": impl, "error": r["error"]})
                     continue
@@ -186,8 +189,6 @@ def sweep(args, info):
                     print(f"    {x['length']:>5} tokens: prefill {x['prefill_s']:.2f} s, {x['prefill_mem_bytes'] / 1e9:.2f} GB; "
                           f"decode {x['decode_ms_per_token']:.1f} ms/token", file=sys.stderr)
                     rows.append({"family": family, "impl": impl, **r, **x})
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     info["load_average_end"] = os.getloadavg()
     data = {"machine": info, "shapes": shapes, "results": rows,
             "settings": {"lengths": lengths, "new_tokens": args.new_tokens, "dtype": dtype, "threads": args.threads, "device": args.device}}
