@@ -32,18 +32,35 @@ def impls_for(family, impls):
     return [i for i in impls if not (i == "hf-sdpa" and family in NO_SDPA)]
 
 
+def peak_memory(device):
+    """The high-water mark: of the resident set (CPU), of the allocated memory (CUDA)."""
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else proc_status_bytes("VmHWM")
+
+
+def memory_now(device):
+    return torch.cuda.memory_allocated() if device.startswith("cuda") else proc_status_bytes("VmRSS")
+
+
+def reset_peak(device):
+    """Start a new high-water mark from what is in use now; False if the kernel refused."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    return reset_peak_rss()
+
+
 def ours_runner(model, compile, device):
     family = importlib.import_module(type(model).__module__)  # gemma, gemma2, ...: the module that defines the model
 
     def run(prompt, n):
-        """(start, [time of each new token], VmHWM when the first token reached the host) of n new tokens."""
+        """(start, [time of each new token], peak memory when the first token reached the host) of n new tokens."""
         times, peak = [], None
         sync(device)
         start = time.perf_counter()
         for token in family.stream(model, [prompt], n, compile=compile):
             token.item()  # on the host, as generate() needs it
             times.append(time.perf_counter())
-            peak = peak or proc_status_bytes("VmHWM")
+            peak = peak or peak_memory(device)
         return start, times, peak
 
     return run
@@ -62,7 +79,7 @@ def hf_runner(model, device):
             sync(device)
             self.times.append(time.perf_counter())
             if len(self.peaks) < 2:
-                self.peaks.append(proc_status_bytes("VmHWM"))
+                self.peaks.append(peak_memory(device))
 
         def end(self):
             pass
@@ -184,27 +201,23 @@ def sweep_impl(spec):
         for p in model.parameters():
             p.sum()
     gc.collect()
-    result["rss_model_resident"] = proc_status_bytes("VmRSS")
+    result["model_resident_bytes"] = memory_now(device)
     run(prompt_ids(64, vocab, seed=0), 4)  # warm-up: one-off allocations and kernel choices
     rows = []
     for length in sorted(spec["lengths"]):
         gc.collect()
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        rss = proc_status_bytes("VmRSS")
-        # Peak memory of this prefill only: VmHWM back to the RSS of now, read
-        # when the first token reaches the host. Without the reset (refused), the
-        # peak of the load and of the shorter prompts before would count as well.
-        reset = reset_peak_rss()
+        before = memory_now(device)
+        # Peak memory of this prefill only: the high-water mark back to what is
+        # in use now, read when the first token reaches the host. Without the
+        # reset (refused), the peaks of the shorter prompts before would count too.
+        reset = reset_peak(device)
         t0, times, peak = run(prompt_ids(length, vocab, seed=length), n)
         assert len(times) == n, f"{spec['impl']} made {len(times)} tokens, not {n}"
         steps = [b - a for a, b in zip(times, times[1:])]
         row = {"length": length, "prefill_s": times[0] - t0, "decode_ms_per_token": 1e3 * (times[-1] - times[0]) / (n - 1),
-               "decode_median_step_ms": 1e3 * statistics.median(steps), "rss_before_prefill": rss,
-               "prefill_peak_rss": peak, "peak_was_reset": reset,
-               "prefill_mem_bytes": peak - result["rss_model_resident"]}
-        if device.startswith("cuda"):
-            row["prefill_mem_bytes"] = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+               "decode_median_step_ms": 1e3 * statistics.median(steps), "memory_before_prefill": before,
+               "prefill_peak_memory": peak, "peak_was_reset": reset,
+               "prefill_mem_bytes": peak - result["model_resident_bytes"]}
         rows.append(row)
     result["lengths"] = rows
     return result

@@ -143,7 +143,7 @@ def sweep_report(rows, impls, shapes, info, args):
         "- prefill GB: peak RSS while prefilling (VmHWM reset to the RSS just before, read when the first token reaches "
         "the host) minus the RSS of the loaded model once every weight has been read (both loaders memory-map the file), "
         "so it also counts what a short warm-up generation left resident (tens of MB); every implementation in a fresh "
-        "process, contexts in increasing order",
+        "process, contexts in increasing order" + ("; on CUDA: allocated memory instead of RSS" if args.device.startswith("cuda") else ""),
         "",
         sweep_table([r for r in rows if "error" not in r], impls),
         *([""] + errors if errors else []),
