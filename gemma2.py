@@ -130,8 +130,12 @@ def rope(x, cos, sin):
 
 
 def rope_angles(positions, head_dim, theta):
-    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32.
+
+    Written 1 / theta^(2i/H), as transformers computes it: theta^(-2i/H) differs
+    in the last bit, and at position 8191 that bit moves the logits by 1e-5.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (H/2,)
     angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, H/2)
     return angles.cos(), angles.sin()
 
@@ -182,16 +186,19 @@ class KVCache(nn.Module):
     Gemma 1's.
     """
 
-    def __init__(self, batch, kv_heads, length, head_dim, dtype, device):
+    def __init__(self, k, v):
         super().__init__()
-        shape = (batch, kv_heads, length, head_dim)  # (B, K, S, H)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)  # (B, K, S, H)
+        self.register_buffer("v", v, persistent=False)  # (B, K, S, H)
 
     def update(self, slots, k, v):
         self.k[:, :, slots] = k  # k, v (B, K, T, H) into slots (T,)
         self.v[:, :, slots] = v
         return self.k, self.v  # (B, K, S, H)
+
+    def prefix(self, length):
+        """The first `length` slots, sharing this cache's memory (see stream)."""
+        return KVCache(self.k[:, :, :length], self.v[:, :, :length])
 
 
 class Gemma2Attention(nn.Module):
@@ -324,10 +331,9 @@ class Gemma2ForCausalLM(nn.Module):
     def make_cache(self, batch, length):
         """One preallocated KVCache per layer, in the dtype and device of the model."""
         c, w = self.config, self.model.embed_tokens.weight
-        return nn.ModuleList(
-            KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
-            for _ in range(c.num_hidden_layers)
-        )
+        shape = (batch, c.num_key_value_heads, length, c.head_dim)  # (B, K, S, H)
+        zeros = lambda: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
+        return nn.ModuleList(KVCache(zeros(), zeros()) for _ in range(c.num_hidden_layers))
 
 
 def sample(logits, temperature, top_k, top_p):
@@ -402,11 +408,14 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
         length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
     cache = model.make_cache(B, length)
 
-    # The prompt goes through the body in chunks that fill the cache: a chunk's scores
-    # are (B, N, chunk, S), never (B, N, T, T), and only the last position needs logits.
+    # The prompt goes through the body in chunks that fill the cache, so the scores
+    # are (B, N, chunk, S'), never (B, N, T, T), and only the last position needs
+    # logits. The queries of a chunk see no slot past its end, so it gets the cache
+    # up to there, S' slots; whole chunks, so that compiled code sees few shapes.
     for a in range(0, T, prefill_chunk):
-        slots = torch.arange(a, min(a + prefill_chunk, T), device=device)  # (chunk,)
-        x = prefill(tokens[:, a : a + prefill_chunk], slots, cache, pad)  # (B, chunk, D)
+        b = min(a + prefill_chunk, T)
+        seen = nn.ModuleList(c.prefix(a + prefill_chunk) for c in cache)  # (B, K, S', H) each
+        x = prefill(tokens[:, a:b], torch.arange(a, b, device=device), seen, pad)  # (B, b - a, D)
     token = sample(model.logits(x[:, -1]), temperature, top_k, top_p)  # (B,)
     yield token
     for slot in range(T, T + max_new_tokens - 1):
