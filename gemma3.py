@@ -200,8 +200,12 @@ def rope(x, cos, sin):
 
 
 def rope_angles(positions, head_dim, theta, factor=1.0):
-    """cos and sin of (position / factor) * theta^(-2i/H) for i < H/2, in float32."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    """cos and sin of (position / factor) * theta^(-2i/H) for i < H/2, in float32.
+
+    Written 1 / theta^(2i/H), as transformers computes it: theta^(-2i/H) differs
+    in the last bit, and at position 8191 that bit moves the logits by 1e-5.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (H/2,)
     # Linear scaling (positional interpolation, arXiv 2306.15595): with factor 8 a
     # global layer turns position p as it would turn p / 8 (Gemma 3 report sec. 2).
     inv_freq = inv_freq / factor
@@ -246,11 +250,10 @@ class KVCache(nn.Module):
     decoding, and fixed shapes, which torch.compile and CUDA graphs need.
     """
 
-    def __init__(self, batch, kv_heads, length, head_dim, dtype, device):
+    def __init__(self, k, v):
         super().__init__()
-        shape = (batch, kv_heads, length, head_dim)  # (B, K, S, H)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)  # (B, K, S, H)
+        self.register_buffer("v", v, persistent=False)  # (B, K, S, H)
 
     def key_slots(self, slots):
         """The slot of each key that update returns: all of them, in order."""
@@ -260,6 +263,10 @@ class KVCache(nn.Module):
         self.k[:, :, slots] = k  # k, v (B, K, T, H) into slots (T,)
         self.v[:, :, slots] = v
         return self.k, self.v  # (B, K, S, H)
+
+    def prefix(self, length):
+        """The first `length` slots, sharing this cache's memory (see stream)."""
+        return KVCache(self.k[:, :, :length], self.v[:, :, :length])
 
 
 class RingKVCache(nn.Module):
@@ -293,13 +300,12 @@ class RingKVCache(nn.Module):
     sequence instead when that is shorter than the window.)
     """
 
-    def __init__(self, batch, kv_heads, window, head_dim, dtype, device):
+    def __init__(self, k, v):
         super().__init__()
-        shape = (batch, kv_heads, window, head_dim)  # (B, K, W, H)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)  # (B, K, W, H)
+        self.register_buffer("v", v, persistent=False)  # (B, K, W, H)
         # The slot held by each entry; -1: empty, which the mask treats as padding.
-        self.register_buffer("slots", torch.full((window,), -1, device=device), persistent=False)
+        self.register_buffer("slots", torch.full(k.shape[2:3], -1, device=k.device), persistent=False)  # (W,)
 
     def key_slots(self, slots):
         """The slot of each key that update returns: the ring's, then the new ones."""
@@ -314,6 +320,10 @@ class RingKVCache(nn.Module):
         self.v[:, :, keep % W] = v[:, :, -W:]
         self.slots[keep % W] = keep
         return keys, values
+
+    def prefix(self, length):
+        """Itself: a ring holds nothing past the chunk being prefilled (see stream)."""
+        return self
 
 
 class Gemma3Attention(nn.Module):
@@ -461,12 +471,12 @@ class Gemma3ForCausalLM(nn.Module):
         a KVCache of `length` slots per global layer, a RingKVCache of the window
         (or `length`, when shorter) per local one."""
         c, w = self.config, self.model.embed_tokens.weight
+        zeros = lambda n: torch.zeros(batch, c.num_key_value_heads, n, c.head_dim, dtype=w.dtype, device=w.device)  # noqa: E731
+        W = min(c.sliding_window, length)
         return nn.ModuleList(
-            KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
-            if kind == "full_attention"
-            else RingKVCache(batch, c.num_key_value_heads, min(c.sliding_window, length), c.head_dim, w.dtype, w.device)
+            KVCache(zeros(length), zeros(length)) if kind == "full_attention" else RingKVCache(zeros(W), zeros(W))
             for kind in c.layer_types
-        )
+        )  # (B, K, S, H) and (B, K, W, H)
 
 
 def sample(logits, temperature, top_k, top_p):
@@ -541,11 +551,14 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
         length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
     cache = model.make_cache(B, length)
 
-    # The prompt goes through the body in chunks that fill the cache: a chunk's scores
-    # are (B, N, chunk, S), never (B, N, T, T), and only the last position needs logits.
+    # The prompt goes through the body in chunks that fill the cache, so the scores
+    # are (B, N, chunk, S'), never (B, N, T, T), and only the last position needs
+    # logits. The queries of a chunk see no slot past its end, so it gets the cache
+    # up to there, S' slots; whole chunks, so that compiled code sees few shapes.
     for a in range(0, T, prefill_chunk):
-        slots = torch.arange(a, min(a + prefill_chunk, T), device=device)  # (chunk,)
-        x = prefill(tokens[:, a : a + prefill_chunk], slots, cache, pad)  # (B, chunk, D)
+        b = min(a + prefill_chunk, T)
+        seen = nn.ModuleList(c.prefix(a + prefill_chunk) for c in cache)  # (B, K, S', H) each
+        x = prefill(tokens[:, a:b], torch.arange(a, b, device=device), seen, pad)  # (B, b - a, D)
     token = sample(model.logits(x[:, -1]), temperature, top_k, top_p)  # (B,)
     yield token
     for slot in range(T, T + max_new_tokens - 1):

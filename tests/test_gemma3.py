@@ -263,6 +263,27 @@ def test_a_left_padded_row_decoded_through_the_cache_equals_its_prompt_alone(par
     torch.testing.assert_close(got[1:], ours(x[1:]), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 7, 16, T + 8])
+@torch.no_grad()
+def test_a_left_padded_batch_prefilled_in_chunks_as_stream_does_equals_transformers_at_every_visible_position(parity_pair, chunk):
+    # Row 1 is left-padded by 13 slots; transformers gets the attention mask and
+    # the position ids that its generate would pass. Chunks go through the cache
+    # as stream sends them: each with the cache up to its end (KVCache.prefix).
+    hf, ours = parity_pair
+    x, pad = tokens(2, T, seed=8), torch.tensor([0, 13])
+    visible = (torch.arange(T)[None, :] >= pad[:, None]).long()  # (B, T)
+    x = x.masked_fill(visible == 0, 0)
+    positions = (visible.cumsum(-1) - 1).clamp(min=0)
+    ref = hf(input_ids=x, attention_mask=visible, position_ids=positions, use_cache=False).logits
+    cache, got = ours.make_cache(2, T + 8), []
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        seen = torch.nn.ModuleList(c.prefix(a + chunk) for c in cache)
+        got.append(ours(x[:, a:b], torch.arange(a, b), seen, pad))
+    mask = visible.bool()  # padding positions carry no meaning on either side
+    torch.testing.assert_close(torch.cat(got, dim=1)[mask], ref[mask], atol=ATOL, rtol=0)
+
+
 # --- generate ------------------------------------------------------------------
 
 
