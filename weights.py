@@ -6,13 +6,22 @@ Two formats are read:
   - the official PyTorch release (gemma_pytorch): one .ckpt holding
     {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
 
-The model is built on the meta device (no memory), every tensor is checked
-against it (present, expected, right shape), and only then are the tensors
-read one at a time and assigned. Both formats are memory-mapped (safetensors
-here, the .ckpt by torch.load(mmap=True)): a tensor already in the wanted dtype
-on the CPU is used in place (no copy at all), any other is converted in chunks
-whose file pages are released as they are done, so peak memory stays near the
-size of the loaded model (benchmarks/load_memory.py).
+Before any tensor is read, each of these is checked, and a failure is a
+CheckpointError naming the file (and the tensor or the config field):
+  1. the files: a .safetensors by the `safetensors` library, the format's
+     reference implementation (header JSON, dtypes, shapes, offsets that tile the
+     data exactly), plus no duplicate names and float dtypes only; a .ckpt by
+     torch.load(weights_only=True), which builds tensors and never runs code from
+     the file; index shard names must be plain file names in the directory;
+  2. config.json, by the config class (every field's type and range);
+  3. the layer count and widths the tensors imply against the config, before
+     the model is built, so that no config can make the loader allocate or spin;
+  4. every tensor's name and shape against the model, built on the meta device.
+Only then are the tensors read, one at a time. Both formats are memory-mapped: a
+tensor already in the wanted dtype on the CPU is used in place (no copy at all),
+any other is converted in chunks whose file pages are released as they are
+done, so peak memory stays near the size of the loaded model
+(benchmarks/load_memory.py).
 
 Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
 """
@@ -25,107 +34,123 @@ import math
 import mmap
 import os
 import pickle
+import re
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+import safetensors
+import safetensors.torch
 import torch
 
 import gemma
 import gemma2
 
-FAMILIES = {"gemma": gemma, "gemma2": gemma2}  # config.json "model_type" -> module
+FAMILIES = {"gemma": (gemma, gemma.GemmaConfig), "gemma2": (gemma2, gemma2.Gemma2Config)}  # config.json "model_type"
 HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
-# madvise, for the tensors torch.load maps too (Python's mmap.madvise cannot reach them).
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, **{k: v.itemsize for k, v in FLOAT_DTYPES.items()}}
+# madvise, to release pages of a mapped file (Python's mmap.madvise cannot reach torch's mappings).
 LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
-# Reading safetensors
+@dataclasses.dataclass
+class Stored:
+    """A tensor in a checkpoint file, not read yet."""
+
+    file: Path
+    shape: tuple
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]  # the tensor, as a view of the memory-mapped file
 
 
-class SafetensorsFile:
-    """A .safetensors file, memory-mapped: 8 bytes of header length (little
-    endian), a JSON header {name: {"dtype", "shape", "data_offsets"}}, the data."""
-
-    def __init__(self, path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            if size < 8:
-                raise CheckpointError(f"{path}: truncated ({size} bytes), not a safetensors file")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if 8 + header_len > size:
-                raise CheckpointError(f"{path}: truncated: the header says {header_len} bytes, the file has {size}")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
-        header.pop("__metadata__", None)
-        self.start = 8 + header_len  # where the data begins
-        self.entries = {}
-        for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-                nbytes = math.prod(shape) * dtype.itemsize if dtype else None
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info}") from None
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
-            if self.start + end > size:
-                raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {self.start + end}, the file has {size}")
-            if end - begin != nbytes:
-                raise CheckpointError(f"{path}: tensor {name} spans {end - begin} bytes, but shape {shape} needs {nbytes}")
-            self.entries[name] = (dtype, shape, self.start + begin, self.start + end)
-
-    def tensor(self, name):
-        """The tensor as a view of the mapped file: no copy, no read until used."""
-        dtype, shape, begin, end = self.entries[name]
-        if begin == end:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
+# Reading the files
 
 
-
-# Finding the tensors of each format
-
-
-def read_json(path, key=None):
-    """A parsed JSON object (or its `key` entry), or an error naming the file."""
+def read_json(path):
+    """A parsed JSON file, or an error naming it."""
     try:
-        d = json.loads(path.read_text())
-        return d if key is None else d[key]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
 
 
+def unique_keys(pairs):
+    """json.loads' object_pairs_hook: the object, or an error on a name given twice
+    (JSON allows it, and the safetensors library keeps the last one silently)."""
+    names = [name for name, _ in pairs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"the name {next(n for n in names if names.count(n) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def read_safetensors(path):
+    """{name: Stored} of a .safetensors file, memory-mapped by the safetensors library."""
+    try:
+        f = safetensors.safe_open(path, framework="pt")  # checks the header and offsets
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: {blame(path)}refused by the safetensors library: {e}") from None
+    with open(path, "rb") as raw:  # the header the library accepted, for names given twice
+        try:
+            json.loads(raw.read(int.from_bytes(raw.read(8), "little")), object_pairs_hook=unique_keys)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    tensors = {}
+    for name in f.keys():
+        info = f.get_slice(name)  # the header entry; reads no data
+        if info.get_dtype() not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get_dtype()}, expected one of {list(FLOAT_DTYPES)}")
+        read = lambda f=f, name=name: f.get_tensor(name)  # noqa: E731  a view of the mapped file: no copy
+        tensors[name] = Stored(path, tuple(info.get_shape()), FLOAT_DTYPES[info.get_dtype()], read)
+    return tensors
+
+
+def blame(path):
+    """"tensor NAME: " for the first tensor to blame in a file the safetensors library
+    refused (its message does not always name it): an entry that is malformed, whose
+    bytes do not follow the previous tensor's, or that ends before or after the file."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header, data_size = json.loads(f.read(n)), path.stat().st_size - 8 - n
+        entries = [(name, e["data_offsets"], e["shape"], ITEMSIZE.get(e["dtype"])) for name, e in header.items() if name != "__metadata__"]
+    except Exception:  # noqa: BLE001  no header to find names in
+        return ""
+    def well_formed(offsets, shape, itemsize):  # noqa: E306
+        numbers = offsets + shape if isinstance(offsets, list) and isinstance(shape, list) else [None]
+        return all(type(x) is int and x >= 0 for x in numbers) and len(offsets) == 2 and itemsize and offsets[1] - offsets[0] == math.prod(shape) * itemsize
+    end, last = 0, None
+    for name, offsets, shape, itemsize in sorted(entries, key=lambda e: e[1][0] if well_formed(*e[1:]) else -1):
+        if not well_formed(offsets, shape, itemsize) or offsets[0] != end:
+            return f"tensor {name}: "
+        end, last = offsets[1], name
+    return f"tensor {last}: " if last and end != data_size else ""
+
+
 def read_hf(directory):
-    """(config dict, {name: (file, lazy tensor)}) from a Hugging Face directory."""
+    """(config dict, {name: Stored}) of a Hugging Face directory."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json, so not a Hugging Face checkpoint directory")
-    config = read_json(config_path)
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = read_json(index_path, "weight_map")
+        weight_map = read_json(index_path)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: no weight_map object {{tensor name: shard file}}")
+        for shard_name in weight_map.values():
+            # A plain file name, so that an index cannot point outside the checkpoint.
+            if not isinstance(shard_name, str) or shard_name in ("", ".", "..") or Path(shard_name).name != shard_name:
+                raise CheckpointError(f"{index_path}: shard {shard_name!r} is not a file name in {directory}")
         shard_names = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").is_file():
-        shard_names = ["model.safetensors"]
-        weight_map = None
+        weight_map, shard_names = None, ["model.safetensors"]
     else:
         raise CheckpointError(f"{directory}: no model.safetensors and no model.safetensors.index.json")
     tensors = {}
@@ -133,20 +158,18 @@ def read_hf(directory):
         shard_path = directory / shard_name
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: lists {shard_name}, which is missing")
-        shard = SafetensorsFile(shard_path)
-        for name in shard.entries:
+        for name, stored in read_safetensors(shard_path).items():
             if weight_map is not None and weight_map.get(name) != shard_name:
                 raise CheckpointError(f"{shard_path}: holds {name}, which the index places in {weight_map.get(name)}")
-            tensors[name] = (shard, name)
-    if weight_map is not None:
-        for name, shard_name in weight_map.items():
-            if name not in tensors:
-                raise CheckpointError(f"{directory / shard_name}: tensor {name}, listed in the index, is missing")
-    return config, tensors
+            tensors[name] = stored
+    for name, shard_name in (weight_map or {}).items():
+        if name not in tensors:
+            raise CheckpointError(f"{directory / shard_name}: tensor {name}, listed in the index, is missing")
+    return read_json(config_path), config_path, tensors
 
 
 def read_ckpt(path):
-    """(config dict, {name: (file, tensor)}) from an official gemma_pytorch .ckpt.
+    """(config dict, its file, {name: Stored}) of an official gemma_pytorch .ckpt.
 
     The release holds no config: it is inferred from the tensor shapes and must
     match a preset, unless a config.json lies beside the file.
@@ -160,17 +183,19 @@ def read_ckpt(path):
         raise CheckpointError(f"{path}: refused: its pickle would call code, not only build tensors ({why.strip()})") from None
     except Exception as e:  # torch reports a bad zip, a refused pickle, ... in many types
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "model_state_dict" not in state:
+    sd = state.get("model_state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: no 'model_state_dict' in it, so not an official Gemma .ckpt")
-    sd = state["model_state_dict"]
     for name, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: model_state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: model_state_dict[{name!r}] is a {type(t).__name__}, not a named tensor")
+        if not (t.is_floating_point() or name == "freqs_cis"):  # freqs_cis: complex, and dropped
+            raise CheckpointError(f"{path}: tensor {name} has dtype {t.dtype}, expected a float type")
     if any(name.endswith("weight_scaler") for name in sd):
         raise CheckpointError(f"{path}: an int8-quantized release, which is not supported")
-    config = official_config(path, sd)
+    config, config_file = official_config(path, sd)
     # Official names -> Hugging Face names; qkv_proj rows are q, then k, then v.
-    c = model_config(config, path)[1]
+    c = model_config(config, config_file)[1]
     rows = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
     hf = {}
     for name, t in sd.items():
@@ -186,15 +211,15 @@ def read_ckpt(path):
             hf[prefix + "q_proj.weight"], hf[prefix + "k_proj.weight"], hf[prefix + "v_proj.weight"] = q, k, v
         else:
             hf[name] = t
-    return config, {name: (path, t) for name, t in hf.items()}
+    return config, config_file, {name: Stored(path, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in hf.items()}
 
 
 def official_config(path, sd):
-    """The HF config dict of an official checkpoint: config.json beside it, or the
-    preset whose shapes it has."""
+    """(config dict, its file) of an official checkpoint: config.json beside it, or
+    the preset whose shapes it has."""
     beside = path.parent / "config.json"
     if beside.is_file():
-        return read_json(beside)
+        return read_json(beside), beside
     try:
         family = "gemma2" if any("pre_feedforward_layernorm" in n for n in sd) else "gemma"
         V, D = sd["embedder.weight"].shape
@@ -204,86 +229,104 @@ def official_config(path, sd):
         q_rows = sd["model.layers.0.self_attn.o_proj.weight"].shape[1]
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: not the tensors of an official Gemma checkpoint (missing {e})") from None
-    for name, c in FAMILIES[family].CONFIGS.items():
+    presets = FAMILIES[family][0].CONFIGS
+    for c in presets.values():
         H, N, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         if (V, D, L, F_, qkv_rows, q_rows) == (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size, (N + 2 * K) * H, N * H):
-            return {"model_type": family, **dataclasses.asdict(c)}
+            return {"model_type": family, **dataclasses.asdict(c)}, path
     raise CheckpointError(
         f"{path}: shapes (vocab {V}, hidden {D}, {L} layers, ffn {F_}) match no {family} preset "
-        f"({', '.join(FAMILIES[family].CONFIGS)}); put a config.json beside it"
+        f"({', '.join(presets)}); put a config.json beside it"
     )
 
 
-# Loading
-
-
 def read(path):
-    """(config dict, {name: (file, tensor)}) of a checkpoint in either format."""
+    """(config dict, its file, {name: Stored}) of a checkpoint in either format."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
     return read_hf(path) if path.is_dir() else read_ckpt(path)
 
 
+# Checking the config, then the tensors, against each other
+
+
 def model_config(config, source):
-    """(module, config object) of a config dict; errors name `source`."""
+    """(module, config object) of a config dict; the config class checks every field."""
     family = config.get("model_type") if isinstance(config, dict) else None
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
-    module = FAMILIES[family]
+    module, config_class = FAMILIES[family]
     try:
-        return module, (module.GemmaConfig if family == "gemma" else module.Gemma2Config).from_hf(config)
-    except (TypeError, ValueError) as e:  # an unsupported setting, a wrong type, ...
+        return module, config_class.from_hf(config)
+    except ValueError as e:  # names the field
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def build(config, source):
-    """The model a config dict describes, on the meta device (no memory yet)."""
-    module, cfg = model_config(config, source)
-    arch = (config.get("architectures") or ["ForCausalLM"])[0]
+def model_head(config, source):
+    """(head, number of labels or None) from config.json's architectures and labels."""
+    archs = config.get("architectures") or ["ForCausalLM"]
+    arch = archs[0] if isinstance(archs, list) and isinstance(archs[0], str) else repr(archs)
     head = next((h for h in HEADS if arch.endswith(h)), None)
     if head is None:
         raise CheckpointError(f"{source}: architecture {arch!r} is not one of {HEADS}")
-    cls = getattr(module, ("Gemma" if module is gemma else "Gemma2") + head)
+    if head == "ForCausalLM":
+        return head, None
+    labels = config.get("id2label")
+    num_labels = len(labels) if isinstance(labels, dict) and labels else config.get("num_labels", 2)
+    if type(num_labels) is not int or num_labels < 1:
+        raise CheckpointError(f"{source}: num_labels {num_labels!r} is not an integer >= 1")
+    return head, num_labels
+
+
+def check_sizes(cfg, num_labels, tensors, source):
+    """The layer count and widths the tensors imply equal the config's. Checked before
+    the model is built: a config of a million layers would otherwise keep the loader
+    building modules for minutes before any tensor could disagree with it."""
+    layers = {m[1] for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    implied = [("num_hidden_layers", cfg.num_hidden_layers, len(layers), "model.layers.<i>", 0)]
+    for name, field, value, dim in [("model.embed_tokens.weight", "vocab_size", cfg.vocab_size, 0),
+                                    ("model.embed_tokens.weight", "hidden_size", cfg.hidden_size, 1),
+                                    ("model.layers.0.mlp.gate_proj.weight", "intermediate_size", cfg.intermediate_size, 0),
+                                    ("score.weight", "num_labels", num_labels, 0)]:
+        if name in tensors and len(tensors[name].shape) == 2 and value is not None:
+            implied.append((field, value, tensors[name].shape[dim], name, dim))
+    for field, value, count, name, dim in implied:
+        if value != count:
+            what = f"{count} layers" if field == "num_hidden_layers" else f"{count} in dim {dim} of tensor {name}"
+            raise CheckpointError(f"{source}: {field} is {value}, but the checkpoint has {what}")
+
+
+def build(module, cfg, head, num_labels):
+    """The model, on the meta device (no memory yet)."""
+    cls = getattr(module, type(cfg).__name__.removesuffix("Config") + head)
     with torch.device("meta"):
-        if head == "ForCausalLM":
-            return cls(cfg)
-        labels = config.get("id2label") or {str(i): i for i in range(config.get("num_labels", 2))}
-        return cls(cfg, len(labels))
+        return cls(cfg) if num_labels is None else cls(cfg, num_labels)
 
 
 def check_tensors(model, tensors, source):
     """Every expected tensor present with its shape, nothing unexpected."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    if "lm_head.weight" in tensors and "lm_head.weight" not in expected:
-        # Some exports write the tied LM head out; accept it only if it is tied.
-        file, ref = tensors.pop("lm_head.weight")
-        embedding = tensors.get("model.embed_tokens.weight")
-        if embedding is None or not torch.equal(load_tensor(file, ref), load_tensor(*embedding)):
-            raise CheckpointError(f"{file_name(file)}: lm_head.weight differs from model.embed_tokens.weight; Gemma ties them")
+    lm_head = tensors.pop("lm_head.weight", None) if "lm_head.weight" not in expected else None
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise CheckpointError(f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for name, (file, ref) in tensors.items():
+    for name, stored in tensors.items():
         if name not in expected:
-            raise CheckpointError(f"{file_name(file)}: unexpected tensor {name}")
-        shape = tuple(file.entries[ref][1]) if isinstance(file, SafetensorsFile) else tuple(ref.shape)
-        if shape != expected[name]:
-            raise CheckpointError(
-                f"{file_name(file)}: tensor {name} has shape {shape}, but the config implies {expected[name]}"
-            )
+            raise CheckpointError(f"{stored.file}: unexpected tensor {name}")
+        if stored.shape != expected[name]:
+            raise CheckpointError(f"{stored.file}: tensor {name} has shape {stored.shape}, but the config implies {expected[name]}")
+    # Some exports write the tied LM head out; accept it only if it is the embedding.
+    embedding = tensors["model.embed_tokens.weight"]
+    if lm_head is not None and (lm_head.shape != embedding.shape or not torch.equal(lm_head.read(), embedding.read())):
+        raise CheckpointError(f"{lm_head.file}: lm_head.weight differs from model.embed_tokens.weight; Gemma ties them")
 
 
-def file_name(file):
-    return file.path if isinstance(file, SafetensorsFile) else file
+# Loading
 
 
-def load_tensor(file, ref):
-    return file.tensor(ref) if isinstance(file, SafetensorsFile) else ref
-
-
-def materialize(file, ref, dtype, device):
+def materialize(stored, dtype, device):
     """The tensor in dtype on device, with as little extra memory as possible."""
-    src = load_tensor(file, ref)  # a view of the memory-mapped file, in either format
+    src = stored.read()  # a view of the memory-mapped file, in either format
     if src.dtype == dtype and device.type == "cpu":
         return src  # the mapped file itself: no copy
     dst = torch.empty(src.shape, dtype=dtype, device=device)
@@ -331,15 +374,18 @@ def load(path, device=None, dtype=None, progress=True):
     start = time.perf_counter()
     path = Path(path)
     device, dtype = default_device_and_dtype(device, dtype)
-    config, tensors = read(path)
-    model = build(config, path / "config.json" if path.is_dir() else path)
+    config, config_file, tensors = read(path)
+    module, cfg = model_config(config, config_file)
+    head, num_labels = model_head(config, config_file)
+    check_sizes(cfg, num_labels, tensors, config_file)
+    model = build(module, cfg, head, num_labels)
     check_tensors(model, tensors, path)
 
-    total = sum(load_tensor(*t).nbytes for t in tensors.values())
+    total = sum(math.prod(s.shape) * s.dtype.itemsize for s in tensors.values())
     state, done = {}, 0
-    for name, (file, ref) in tensors.items():
-        state[name] = materialize(file, ref, dtype, device)
-        done += load_tensor(file, ref).nbytes
+    for name, stored in tensors.items():
+        state[name] = materialize(stored, dtype, device)
+        done += math.prod(stored.shape) * stored.dtype.itemsize
         if progress and total > 1 << 30 and sys.stderr.isatty():
             print(f"\rloading {path.name}: {done / total:4.0%} of {total / 1e9:.1f} GB", end="", file=sys.stderr)
     model.load_state_dict(state, strict=True, assign=True)
@@ -360,7 +406,10 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"{candidate}: no tokenizer.model for checkpoint {path}")
     from tokenizer import Tokenizer
 
-    return Tokenizer(candidate)
+    try:
+        return Tokenizer(candidate)
+    except ValueError as e:  # not a SentencePiece model, or one without Gemma's pieces
+        raise CheckpointError(f"{candidate}: {e}") from None
 
 
 # Writing the Hugging Face layout
@@ -380,22 +429,12 @@ def hf_config(model):
 
 
 def write_safetensors(path, tensors):
-    dtype_names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-    # Written beside, then renamed over `path`: a reader never sees half a file, and
-    # a model loaded from `path` keeps its tensors (they map the old file).
+    """Written by the safetensors library beside `path`, then renamed over it: a reader
+    never sees half a file, and a model loaded from `path` keeps its tensors (they map
+    the old file). Tensors on the CPU are written from where they lie, with no copy."""
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for t in tensors.values():
-            if t.nbytes:  # the bytes as they lie in memory: no copy on the CPU
-                f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    safetensors.torch.save_file(tensors, partial, metadata={"format": "pt"})
     os.replace(partial, path)
 
 
@@ -435,6 +474,12 @@ def parse_size(text):
     return int(text)
 
 
+def stored_dtype(path):
+    """The dtype of the embedding as stored, so that a conversion keeps it."""
+    tensors = read(path)[2]
+    return tensors.get("model.embed_tokens.weight", next(iter(tensors.values()))).dtype
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -456,12 +501,6 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
     print(f"wrote {args.dst}", file=sys.stderr)
-
-
-def stored_dtype(path):
-    """The dtype of the embedding as stored, so that a conversion keeps it."""
-    _, tensors = read(path)
-    return load_tensor(*tensors["model.embed_tokens.weight"] if "model.embed_tokens.weight" in tensors else next(iter(tensors.values()))).dtype
 
 
 if __name__ == "__main__":
