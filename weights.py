@@ -195,7 +195,7 @@ def read_ckpt(path):
         raise CheckpointError(f"{path}: an int8-quantized release, which is not supported")
     config, config_file = official_config(path, sd)
     # Official names -> Hugging Face names; qkv_proj rows are q, then k, then v.
-    c = model_config(config, config_file)[1]
+    c = model_config(config, config_file, sd)[1]
     rows = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
     hf = {}
     for name, t in sd.items():
@@ -250,11 +250,16 @@ def read(path):
 # Checking the config, then the tensors, against each other
 
 
-def model_config(config, source):
-    """(module, config object) of a config dict; the config class checks every field."""
+def model_config(config, source, tensors):
+    """(module, config object) of a config dict. The config class checks every field;
+    the layer count is checked against the tensors' first, so that no config can make
+    the loader spin through a million layers (Gemma 2 lists each layer's type)."""
     family = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
+    layers = len({m[1] for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))})
+    if type(config.get("num_hidden_layers")) is int and config["num_hidden_layers"] != layers:
+        raise CheckpointError(f"{source}: num_hidden_layers is {config['num_hidden_layers']}, but the checkpoint has {layers} layers")
     module, config_class = FAMILIES[family]
     try:
         return module, config_class.from_hf(config)
@@ -279,11 +284,8 @@ def model_head(config, source):
 
 
 def check_sizes(cfg, num_labels, tensors, source):
-    """The layer count and widths the tensors imply equal the config's. Checked before
-    the model is built: a config of a million layers would otherwise keep the loader
-    building modules for minutes before any tensor could disagree with it."""
-    layers = {m[1] for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))}
-    implied = [("num_hidden_layers", cfg.num_hidden_layers, len(layers), "model.layers.<i>", 0)]
+    """The widths the tensors imply equal the config's, checked before the model is built."""
+    implied = []
     for name, field, value, dim in [("model.embed_tokens.weight", "vocab_size", cfg.vocab_size, 0),
                                     ("model.embed_tokens.weight", "hidden_size", cfg.hidden_size, 1),
                                     ("model.layers.0.mlp.gate_proj.weight", "intermediate_size", cfg.intermediate_size, 0),
@@ -292,8 +294,7 @@ def check_sizes(cfg, num_labels, tensors, source):
             implied.append((field, value, tensors[name].shape[dim], name, dim))
     for field, value, count, name, dim in implied:
         if value != count:
-            what = f"{count} layers" if field == "num_hidden_layers" else f"{count} in dim {dim} of tensor {name}"
-            raise CheckpointError(f"{source}: {field} is {value}, but the checkpoint has {what}")
+            raise CheckpointError(f"{source}: {field} is {value}, but tensor {name} has {count} in dim {dim}")
 
 
 def build(module, cfg, head, num_labels):
@@ -375,11 +376,12 @@ def load(path, device=None, dtype=None, progress=True):
     path = Path(path)
     device, dtype = default_device_and_dtype(device, dtype)
     config, config_file, tensors = read(path)
-    module, cfg = model_config(config, config_file)
+    module, cfg = model_config(config, config_file, tensors)
     head, num_labels = model_head(config, config_file)
     check_sizes(cfg, num_labels, tensors, config_file)
     model = build(module, cfg, head, num_labels)
-    check_tensors(model, tensors, path)
+    index = path / "model.safetensors.index.json"
+    check_tensors(model, tensors, path if not path.is_dir() else index if index.is_file() else path / "model.safetensors")
 
     total = sum(math.prod(s.shape) * s.dtype.itemsize for s in tensors.values())
     state, done = {}, 0
