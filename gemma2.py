@@ -61,7 +61,7 @@ class Gemma2Config:
         for f in fields(self):
             v, ok, least = getattr(self, f.name), True, 0 if f.name == "num_hidden_layers" else 1
             if f.name.endswith("token_id"):  # None, an id, or a list of ids
-                ok, want = v is None or all(type(i) is int and i >= 0 for i in (v if type(v) is list else [v])), "None or ids >= 0"
+                ok, want = v is None or all(type(i) is int and 0 <= i < self.vocab_size for i in (v if type(v) is list else [v])), "None or ids < vocab_size"
             elif f.type is int:  # a count or a width
                 ok, want = type(v) is int and v >= least, f"an integer >= {least}"
             elif f.type in (float, float | None):  # eps, theta, a scalar; a cap may be None (no cap)

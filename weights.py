@@ -6,27 +6,25 @@ Two formats are read:
   - the official PyTorch release (gemma_pytorch): one .ckpt holding
     {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
 
-Before any tensor is read, each of these is checked, and a failure is a
-CheckpointError naming the file (and the tensor or the config field):
-  1. the files: a .safetensors by the `safetensors` library, the format's
-     reference implementation (header JSON, dtypes, shapes, offsets that tile the
-     data exactly), plus no duplicate names and float dtypes only; a .ckpt by
-     torch.load(weights_only=True), which builds tensors and never runs code from
-     the file; index shard names must be plain file names in the directory;
-  2. config.json, by the config class (every field's type and range);
-  3. the layer count and widths the tensors imply against the config, before
-     the model is built, so that no config can make the loader allocate or spin;
-  4. every tensor's name and shape against the model, built on the meta device.
-Only then are the tensors read, one at a time. Both formats are memory-mapped: a
-tensor already in the wanted dtype on the CPU is used in place (no copy at all),
-any other is converted in chunks whose file pages are released as they are
-done, so peak memory stays near the size of the loaded model
+Before any tensor is read, and each failure a CheckpointError naming the file
+(and the tensor or config field): the files (safetensors by the `safetensors`
+library, the format's reference implementation, plus no name given twice and
+float dtypes only; a .ckpt by torch.load(weights_only=True), which never runs
+code from the file; index shard names plain file names in the directory), the
+config (by its class: every field's type and range), the layer count and widths
+the tensors imply against the config (so that no config can make the loader
+spin), then every tensor's name and shape against the model, built on the meta
+device. Only then are the tensors read, one at a time. Both formats are
+memory-mapped: a tensor already in the wanted dtype on the CPU is used in place
+(no copy at all), any other is converted in chunks whose file pages are released
+as they are done, so peak memory stays near the size of the loaded model
 (benchmarks/load_memory.py).
 
 Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
 """
 
 import argparse
+import collections
 import ctypes
 import dataclasses
 import json
@@ -39,7 +37,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import safetensors
 import safetensors.torch
@@ -48,7 +45,8 @@ import torch
 import gemma
 import gemma2
 
-FAMILIES = {"gemma": (gemma, gemma.GemmaConfig), "gemma2": (gemma2, gemma2.Gemma2Config)}  # config.json "model_type"
+# config.json "model_type" -> (module, config class, prefix of the model class names)
+FAMILIES = {"gemma": (gemma, gemma.GemmaConfig, "Gemma"), "gemma2": (gemma2, gemma2.Gemma2Config, "Gemma2")}
 HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, **{k: v.itemsize for k, v in FLOAT_DTYPES.items()}}
@@ -60,34 +58,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
-@dataclasses.dataclass
-class Stored:
-    """A tensor in a checkpoint file, not read yet."""
-
-    file: Path
-    shape: tuple
-    dtype: torch.dtype
-    read: Callable[[], torch.Tensor]  # the tensor, as a view of the memory-mapped file
+# A tensor in a checkpoint file, not read yet; read() gives it as a view of the mapped file.
+Stored = collections.namedtuple("Stored", "file shape dtype read")
 
 
 # Reading the files
 
 
-def read_json(path):
-    """A parsed JSON file, or an error naming it."""
+def read_json(path, text=None):
+    """The JSON of the file `path` (or `text`, read from it), or an error naming it. A
+    name given twice in an object is an error: JSON parsers keep the last silently."""
+    def unique(pairs):
+        if len({name for name, _ in pairs}) < len(pairs):
+            raise ValueError(f"a name given twice in {[name for name, _ in pairs]}"[:200])
+        return dict(pairs)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text() if text is None else text, object_pairs_hook=unique)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
-
-
-def unique_keys(pairs):
-    """json.loads' object_pairs_hook: the object, or an error on a name given twice
-    (JSON allows it, and the safetensors library keeps the last one silently)."""
-    names = [name for name, _ in pairs]
-    if len(set(names)) < len(names):
-        raise ValueError(f"the name {next(n for n in names if names.count(n) > 1)!r} appears twice")
-    return dict(pairs)
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
 
 
 def read_safetensors(path):
@@ -96,11 +84,8 @@ def read_safetensors(path):
         f = safetensors.safe_open(path, framework="pt")  # checks the header and offsets
     except (safetensors.SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: {blame(path)}refused by the safetensors library: {e}") from None
-    with open(path, "rb") as raw:  # the header the library accepted, for names given twice
-        try:
-            json.loads(raw.read(int.from_bytes(raw.read(8), "little")), object_pairs_hook=unique_keys)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    with open(path, "rb") as raw:  # the header it accepted, once more: no name given twice
+        read_json(path, raw.read(int.from_bytes(raw.read(8), "little")))
     tensors = {}
     for name in f.keys():
         info = f.get_slice(name)  # the header entry; reads no data
@@ -195,7 +180,8 @@ def read_ckpt(path):
         raise CheckpointError(f"{path}: an int8-quantized release, which is not supported")
     config, config_file = official_config(path, sd)
     # Official names -> Hugging Face names; qkv_proj rows are q, then k, then v.
-    c = model_config(config, config_file, sd)[1]
+    check_sizes(config, sd, config_file)
+    c = model_config(config, config_file)[1]
     rows = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
     hf = {}
     for name, t in sd.items():
@@ -250,58 +236,53 @@ def read(path):
 # Checking the config, then the tensors, against each other
 
 
-def model_config(config, source, tensors):
-    """(module, config object) of a config dict. The config class checks every field;
-    the layer count is checked against the tensors' first, so that no config can make
-    the loader spin through a million layers (Gemma 2 lists each layer's type)."""
-    family = config.get("model_type") if isinstance(config, dict) else None
+def check_sizes(config, tensors, source):
+    """The layer count and widths the tensors imply equal config.json's. Checked before
+    the config is read (Gemma 2's lists each layer's type) and the model built, so that
+    no config can make the loader spin through a million layers. A value of a wrong
+    type is left to the config class, which names the field."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: holds a {type(config).__name__}, not a JSON object")
+    layers = len({m[1] for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))})
+    implied = [("num_hidden_layers", layers, "layers")]
+    for name, dim, field in [("model.embed_tokens.weight", 0, "vocab_size"), ("model.embed_tokens.weight", 1, "hidden_size"),
+                             ("model.layers.0.mlp.gate_proj.weight", 0, "intermediate_size")]:
+        if name in tensors and len(tensors[name].shape) == 2:
+            implied.append((field, tensors[name].shape[dim], f"in dim {dim} of tensor {name}"))
+    for field, value, where in implied:
+        if type(config.get(field)) is int and config[field] != value:
+            raise CheckpointError(f"{source}: {field} is {config[field]}, but the checkpoint has {value} {where}")
+
+
+def model_config(config, source):
+    """(module, config object) of a config dict; the config class checks every field."""
+    family = config.get("model_type")
     if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
-    layers = len({m[1] for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))})
-    if type(config.get("num_hidden_layers")) is int and config["num_hidden_layers"] != layers:
-        raise CheckpointError(f"{source}: num_hidden_layers is {config['num_hidden_layers']}, but the checkpoint has {layers} layers")
-    module, config_class = FAMILIES[family]
     try:
-        return module, config_class.from_hf(config)
+        return FAMILIES[family][0], FAMILIES[family][1].from_hf(config)
     except ValueError as e:  # names the field
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def model_head(config, source):
-    """(head, number of labels or None) from config.json's architectures and labels."""
+def build(config, source):
+    """The model config.json describes (its family and head), on the meta device: no memory."""
+    module, cfg = model_config(config, source)
     archs = config.get("architectures") or ["ForCausalLM"]
     arch = archs[0] if isinstance(archs, list) and isinstance(archs[0], str) else repr(archs)
     head = next((h for h in HEADS if arch.endswith(h)), None)
     if head is None:
         raise CheckpointError(f"{source}: architecture {arch!r} is not one of {HEADS}")
+    cls = getattr(module, FAMILIES[config["model_type"]][2] + head)
     if head == "ForCausalLM":
-        return head, None
+        with torch.device("meta"):
+            return cls(cfg)
     labels = config.get("id2label")
     num_labels = len(labels) if isinstance(labels, dict) and labels else config.get("num_labels", 2)
     if type(num_labels) is not int or num_labels < 1:
         raise CheckpointError(f"{source}: num_labels {num_labels!r} is not an integer >= 1")
-    return head, num_labels
-
-
-def check_sizes(cfg, num_labels, tensors, source):
-    """The widths the tensors imply equal the config's, checked before the model is built."""
-    implied = []
-    for name, field, value, dim in [("model.embed_tokens.weight", "vocab_size", cfg.vocab_size, 0),
-                                    ("model.embed_tokens.weight", "hidden_size", cfg.hidden_size, 1),
-                                    ("model.layers.0.mlp.gate_proj.weight", "intermediate_size", cfg.intermediate_size, 0),
-                                    ("score.weight", "num_labels", num_labels, 0)]:
-        if name in tensors and len(tensors[name].shape) == 2 and value is not None:
-            implied.append((field, value, tensors[name].shape[dim], name, dim))
-    for field, value, count, name, dim in implied:
-        if value != count:
-            raise CheckpointError(f"{source}: {field} is {value}, but tensor {name} has {count} in dim {dim}")
-
-
-def build(module, cfg, head, num_labels):
-    """The model, on the meta device (no memory yet)."""
-    cls = getattr(module, type(cfg).__name__.removesuffix("Config") + head)
     with torch.device("meta"):
-        return cls(cfg) if num_labels is None else cls(cfg, num_labels)
+        return cls(cfg, num_labels)
 
 
 def check_tensors(model, tensors, source):
@@ -354,8 +335,8 @@ def release(mapped):
 
 def default_device_and_dtype(device, dtype):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
         if dtype not in names:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
         dtype = names[dtype]
@@ -376,26 +357,17 @@ def load(path, device=None, dtype=None, progress=True):
     path = Path(path)
     device, dtype = default_device_and_dtype(device, dtype)
     config, config_file, tensors = read(path)
-    module, cfg = model_config(config, config_file, tensors)
-    head, num_labels = model_head(config, config_file)
-    check_sizes(cfg, num_labels, tensors, config_file)
-    model = build(module, cfg, head, num_labels)
+    check_sizes(config, tensors, config_file)
+    model = build(config, config_file)
     index = path / "model.safetensors.index.json"
     check_tensors(model, tensors, path if not path.is_dir() else index if index.is_file() else path / "model.safetensors")
 
-    total = sum(math.prod(s.shape) * s.dtype.itemsize for s in tensors.values())
-    state, done = {}, 0
-    for name, stored in tensors.items():
-        state[name] = materialize(stored, dtype, device)
-        done += math.prod(stored.shape) * stored.dtype.itemsize
-        if progress and total > 1 << 30 and sys.stderr.isatty():
-            print(f"\rloading {path.name}: {done / total:4.0%} of {total / 1e9:.1f} GB", end="", file=sys.stderr)
+    state = {name: materialize(stored, dtype, device) for name, stored in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     if progress:
-        n = sum(p.numel() for p in model.parameters())
-        end = "\n" if total > 1 << 30 and sys.stderr.isatty() else ""
-        print(f"{end}loaded {path}: {n:,} parameters, {str(dtype).removeprefix('torch.')} on {device}, "
+        n, total = sum(p.numel() for p in model.parameters()), sum(math.prod(s.shape) * s.dtype.itemsize for s in tensors.values())
+        print(f"loaded {path}: {n:,} parameters, {str(dtype).removeprefix('torch.')} on {device}, "
               f"from {total / 1e6:.1f} MB of tensors in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 
@@ -419,7 +391,7 @@ def load_tokenizer(path):
 
 def hf_config(model):
     """config.json for a model: every config field under its HF name."""
-    family = "gemma2" if isinstance(model.config, gemma2.Gemma2Config) else "gemma"
+    family = next(name for name, (_, config_class, _) in FAMILIES.items() if type(model.config) is config_class)
     config = {"architectures": [type(model).__name__], "model_type": family, **vars(model.config)}
     if hasattr(model, "score"):
         config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.score.out_features)}
