@@ -6,18 +6,21 @@ Two formats are read:
   - the official PyTorch release (gemma_pytorch): one .ckpt holding
     {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
 
-Before any tensor is read, and each failure a CheckpointError naming the file
-(and the tensor or config field): the files (safetensors by the `safetensors`
-library, the format's reference implementation, plus no name given twice and
-float dtypes only; a .ckpt by torch.load(weights_only=True), which never runs
-code from the file; index shard names plain file names in the directory), the
-config (by its class: every field's type and range), the layer count and widths
-the tensors imply against the config (so that no config can make the loader
-spin), then every tensor's name and shape against the model, built on the meta
-device. Only then are the tensors read, one at a time. Both formats are
-memory-mapped: a tensor already in the wanted dtype on the CPU is used in place
-(no copy at all), any other is converted in chunks whose file pages are released
-as they are done, so peak memory stays near the size of the loaded model
+Checked before any tensor is read, in this order, each failure a CheckpointError
+naming the file (and the tensor or the config field):
+  - the files: read_safetensors (by the `safetensors` library, the format's
+    reference implementation, plus: no name given twice, float dtypes only),
+    read_ckpt (torch.load(weights_only=True), which never runs code from the
+    file), read_hf (index shard names must be plain file names in the directory);
+  - check_sizes: the layer count and widths the tensors imply against
+    config.json, so that no config can make the loader allocate or spin;
+  - build: the config, by its class (every field's type and range), then the
+    model, on the meta device (no memory);
+  - check_tensors: every tensor's name and shape against that model.
+Then materialize reads the tensors, one at a time. Both formats are memory-mapped:
+a tensor already in the wanted dtype on the CPU is used in place (no copy at
+all), any other is converted in chunks whose file pages are released as they
+are done, so peak memory stays near the size of the loaded model
 (benchmarks/load_memory.py).
 
 Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
