@@ -371,7 +371,7 @@ def check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p
         ("temperature", temperature, number(temperature) and 0 <= temperature < math.inf, "a finite number >= 0"),
         ("top_k", top_k, top_k is None or type(top_k) is int and top_k >= 1, "None or an integer >= 1"),
         ("top_p", top_p, top_p is None or number(top_p) and 0 < top_p <= 1, "None or a number in (0, 1]"),
-        ("stop_tokens", stop_tokens, isinstance(stop_tokens, (list, tuple, set)) and all(type(t) is int for t in stop_tokens), "a list of ints"),
+        ("stop_tokens", stop_tokens, isinstance(stop_tokens, (list, tuple, set)) and all(type(t) is int for t in stop_tokens), "a list or set of ints"),
     ]:
         if not ok:
             raise ValueError(f"{name} must be {want}, got {value!r:.80}")
@@ -390,10 +390,7 @@ def check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
         if len(p) + max_new_tokens > max_len:
-            raise ValueError(
-                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
-                f"the model's {max_len} positions"
-            )
+            raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than the model's {max_len} positions")
     return prompts, single
 
 
