@@ -101,24 +101,31 @@ def read_safetensors(path):
 
 def blame(path):
     """"tensor NAME: " for the first tensor to blame in a file the safetensors library
-    refused (its message does not always name it): an entry that is malformed, whose
-    bytes do not follow the previous tensor's, or that ends before or after the file."""
+    refused (its message does not always name one): an entry of the wrong types or
+    with offsets that disagree with its shape, or whose bytes do not start where the
+    previous tensor's end, or end before or after the file; "" if none is to blame."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header, data_size = json.loads(f.read(n)), path.stat().st_size - 8 - n
-        entries = [(name, e["data_offsets"], e["shape"], ITEMSIZE.get(e["dtype"])) for name, e in header.items() if name != "__metadata__"]
+        entries = {name: e for name, e in header.items() if name != "__metadata__"}
     except Exception:  # noqa: BLE001  no header to find names in
         return ""
-    def well_formed(offsets, shape, itemsize):  # noqa: E306
-        numbers = offsets + shape if isinstance(offsets, list) and isinstance(shape, list) else [None]
-        return all(type(x) is int and x >= 0 for x in numbers) and len(offsets) == 2 and itemsize and offsets[1] - offsets[0] == math.prod(shape) * itemsize
-    end, last = 0, None
-    for name, offsets, shape, itemsize in sorted(entries, key=lambda e: e[1][0] if well_formed(*e[1:]) else -1):
-        if not well_formed(offsets, shape, itemsize) or offsets[0] != end:
+
+    def span(e):  # (begin, end) of a well-formed entry, else None
+        try:
+            (begin, end), shape, itemsize = e["data_offsets"], e["shape"], ITEMSIZE[e["dtype"]]
+            ok = all(type(x) is int and x >= 0 for x in [begin, end, *shape]) and end - begin == math.prod(shape) * itemsize
+            return (begin, end) if ok else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    end = 0
+    for name, s in sorted(((name, span(e)) for name, e in entries.items()), key=lambda item: item[1] or (-1, -1)):
+        if s is None or s[0] != end:
             return f"tensor {name}: "
-        end, last = offsets[1], name
-    return f"tensor {last}: " if last and end != data_size else ""
+        end = s[1]
+    return f"tensor {name}: " if entries and end != data_size else ""
 
 
 def read_hf(directory):
