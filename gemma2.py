@@ -59,10 +59,26 @@ class Gemma2Config:
     layer_types: list | None = None
 
     def __post_init__(self):
+        # Refuse, naming the field, a value the model cannot run with: a typo in a
+        # config.json would otherwise fail deep inside torch, or give NaN logits.
+        for f in fields(self):
+            v, ok, least = getattr(self, f.name), True, 0 if f.name == "num_hidden_layers" else 1
+            if f.name.endswith("token_id"):  # None, an id, or a list of ids
+                ok, want = v is None or all(type(i) is int and 0 <= i < self.vocab_size for i in (v if type(v) is list else [v])), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width
+                ok, want = type(v) is int and v >= least, f"an integer >= {least}"
+            elif f.type in (float, float | None):  # eps, theta, a scalar; a cap may be None (no cap)
+                ok, want = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf), "a finite number > 0"
+            if not ok:
+                raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
+        N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if N % K or H % 2:  # each key/value head serves N / K query heads; RoPE rotates pairs
+            raise ValueError(f"config fields num_attention_heads = {N}, num_key_value_heads = {K}, head_dim = {H}: K must divide N, and H be even")
         if self.layer_types is None:
             self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)]
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
+        kinds = ("sliding_attention", "full_attention")
+        if type(self.layer_types) is not list or len(self.layer_types) != self.num_hidden_layers or not all(t in kinds for t in self.layer_types):
+            raise ValueError(f"config field layer_types = {self.layer_types!r:.80}: must be a list of {self.num_hidden_layers} of {kinds}")
 
     @classmethod
     def from_hf(cls, d):
@@ -70,10 +86,10 @@ class Gemma2Config:
         d = dict(d)
         # transformers 5 nests rope_theta in rope_parameters; the Hub files of the
         # official models keep it at the top level.
-        if "rope_parameters" in d and d["rope_parameters"]:
-            rope = d["rope_parameters"]
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"unsupported rope_type {rope['rope_type']!r}")
+        rope = d.get("rope_parameters") or {}
+        if type(rope) is not dict or rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config field rope_parameters = {rope!r:.80}: only the default RoPE is implemented")
+        if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
         # The tanh GELU, whichever of the two keys names it (HF PR #29402).
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
@@ -381,26 +397,37 @@ def sample(logits, temperature, top_k, top_p):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]  # (B,)
 
 
-def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
-    """Refuse, with a message, what would otherwise fail deep inside torch."""
+def check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens=()):
+    """(prompts as lists of ints, whether `tokens` is one prompt): a prompt is a list of
+    ints (numpy ints too) or a 1-D integer tensor or array, a batch a list of them or
+    2-D. Refuses, before any work, what would otherwise fail deep inside torch."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name, value, ok, want in [
+        ("max_new_tokens", max_new_tokens, type(max_new_tokens) is int and max_new_tokens >= 0, "an integer >= 0"),
+        ("temperature", temperature, number(temperature) and 0 <= temperature < math.inf, "a finite number >= 0"),
+        ("top_k", top_k, top_k is None or type(top_k) is int and top_k >= 1, "None or an integer >= 1"),
+        ("top_p", top_p, top_p is None or number(top_p) and 0 < top_p <= 1, "None or a number in (0, 1]"),
+        ("stop_tokens", stop_tokens, isinstance(stop_tokens, (list, tuple, set)) and all(type(t) is int for t in stop_tokens), "a list or set of ints"),
+    ]:
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value!r:.80}")
+    plain = lambda x: x.tolist() if hasattr(x, "tolist") else x  # noqa: E731  tensors, arrays, numpy ints
+    tokens = plain(tokens)
+    single = not isinstance(tokens, (list, tuple)) or not tokens or not isinstance(plain(tokens[0]), (list, tuple))
+    prompts = [tokens] if single else [plain(p) for p in tokens]
     V, max_len = model.config.vocab_size, model.config.max_position_embeddings
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        prompts[i] = p = [plain(t) for t in p] if isinstance(p, (list, tuple)) else p
+        if not isinstance(p, list) or not all(type(t) is int for t in p):
+            raise ValueError(f"a prompt is a list of token ids, not {p!r:.80}: tokenize text first (Tokenizer.encode)")
         if len(p) == 0:
             raise ValueError("empty prompt: a Gemma prompt starts with at least the <bos> token")
         bad = [t for t in p if not 0 <= t < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
         if len(p) + max_new_tokens > max_len:
-            raise ValueError(
-                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
-                f"the model's {max_len} positions"
-            )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than the model's {max_len} positions")
+    return prompts, single
 
 
 # Prompt tokens per forward while prefilling (see stream): large enough that each
@@ -417,7 +444,7 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
     writes its n-th new token into the same cache slot, and the padding is
     masked out and shifts that row's RoPE positions (see attention_mask).
     """
-    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    prompts, _ = check_generate_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
     device = model.model.embed_tokens.weight.device
@@ -469,8 +496,7 @@ def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=N
     one of its stop tokens, which is kept: the instruction-tuned models end a turn
     with <end_of_turn>, so pass its id with <eos>. compile=True: see compile_steps.
     """
-    single = len(tokens) == 0 or isinstance(tokens[0], int)  # [] is an empty prompt
-    prompts = [list(tokens)] if single else [list(p) for p in tokens]
+    prompts, single = check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):
         for row, t in enumerate(step.tolist()):
