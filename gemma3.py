@@ -72,12 +72,30 @@ class Gemma3TextConfig:
     layer_types: list | None = None
 
     def __post_init__(self):
+        # Refuse, naming the field, a value the model cannot run with: a typo in a
+        # config.json would otherwise fail deep inside torch, or give NaN logits.
+        for f in fields(self):
+            v, ok, least = getattr(self, f.name), True, 0 if f.name == "num_hidden_layers" else 1
+            if f.name.endswith("token_id"):  # None, an id, or a list of ids
+                ok, want = v is None or all(type(i) is int and 0 <= i < self.vocab_size for i in (v if type(v) is list else [v])), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width
+                ok, want = type(v) is int and v >= least, f"an integer >= {least}"
+            elif f.type is float:  # eps, the two RoPE bases, the query scalar
+                ok, want = type(v) in (int, float) and 0 < v < math.inf, "a finite number > 0"
+            if not ok:
+                raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
+        N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if N % K or H % 2:  # each key/value head serves N / K query heads; RoPE rotates pairs
+            raise ValueError(f"config fields num_attention_heads = {N}, num_key_value_heads = {K}, head_dim = {H}: K must divide N, and H be even")
         if self.layer_types is None:
             self.layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(self.num_hidden_layers)]
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
-        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") != "linear":
-            raise ValueError(f"unsupported rope_scaling {self.rope_scaling!r}: Gemma 3 scales linearly")
+        kinds = ("sliding_attention", "full_attention")
+        if type(self.layer_types) is not list or len(self.layer_types) != self.num_hidden_layers or not all(t in kinds for t in self.layer_types):
+            raise ValueError(f"config field layer_types = {self.layer_types!r:.80}: must be a list of {self.num_hidden_layers} of {kinds}")
+        # Linear scaling only, by a finite factor > 0 (the 4B, 12B and 27B use 8).
+        r = self.rope_scaling
+        if r is not None and not (type(r) is dict and r.get("rope_type") == "linear" and type(r.get("factor")) in (int, float) and 0 < r["factor"] < math.inf):
+            raise ValueError(f"config field rope_scaling = {r!r:.80}: must be None or {{'rope_type': 'linear', 'factor': a number > 0}}")
 
     @classmethod
     def from_hf(cls, d):
@@ -86,28 +104,31 @@ class Gemma3TextConfig:
         # transformers 5 writes one rope_parameters entry per layer type; the Hub
         # files of the released models have rope_theta, rope_local_base_freq and
         # rope_scaling (the global layers' scaling) at the top level.
-        if "rope_parameters" in d and d["rope_parameters"]:
-            full = d["rope_parameters"].get("full_attention") or {}
-            local = d["rope_parameters"].get("sliding_attention") or {}
-            if local.get("rope_type", "default") != "default":
-                raise ValueError(f"unsupported rope_type {local['rope_type']!r} on local layers")
+        rope = d.get("rope_parameters") or {}
+        full, local = (rope.get("full_attention") or {}, rope.get("sliding_attention") or {}) if type(rope) is dict else (None, None)
+        if type(full) is not dict or type(local) is not dict or local.get("rope_type", "default") != "default":
+            raise ValueError(f"config field rope_parameters = {rope!r:.80}: must give the local layers the default RoPE")
+        if rope:
             # An entry without rope_theta keeps the top-level value, as in transformers.
             d["rope_theta"] = full.get("rope_theta", d.get("rope_theta", cls.rope_theta))
             d["rope_local_base_freq"] = local.get("rope_theta", d.get("rope_local_base_freq", cls.rope_local_base_freq))
             d["rope_scaling"] = full
         scaling = d.get("rope_scaling")
-        if scaling is not None:
+        if type(scaling) is dict:  # older files say "type"; "default" means unscaled
             kind = scaling.get("rope_type", scaling.get("type"))
-            d["rope_scaling"] = None if kind == "default" else {"rope_type": kind, "factor": float(scaling.get("factor", 1.0))}
+            d["rope_scaling"] = None if kind == "default" else {"rope_type": kind, "factor": scaling.get("factor")}
         # Older files give the pattern as a number n: every n-th layer is global.
-        if d.get("layer_types") is None and d.get("sliding_window_pattern"):
-            n = d["sliding_window_pattern"]
-            d["layer_types"] = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(d["num_hidden_layers"])]
+        n, L = d.get("sliding_window_pattern"), d.get("num_hidden_layers", cls.num_hidden_layers)
+        if d.get("layer_types") is None and n is not None:
+            if type(n) is not int or n < 1:
+                raise ValueError(f"config field sliding_window_pattern = {n!r:.80}: must be an integer >= 1")
+            if type(L) is int:  # else __post_init__ names num_hidden_layers
+                d["layer_types"] = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(L)]
         # transformers keeps the Gemma 2 soft-cap fields (null in every release) and
         # an embedding-model switch; neither is Gemma 3's decoder.
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
             if d.get(key):
-                raise ValueError(f"{key}={d[key]!r} is not supported: Gemma 3 has no soft-cap and attends causally")
+                raise ValueError(f"config field {key} = {d[key]!r:.80}: Gemma 3 has no soft-cap and attends causally")
         # The tanh GELU, whichever of the two keys names it (HF PR #29402).
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu", "gelu_pytorch_tanh"):
@@ -175,6 +196,12 @@ CONFIGS = {
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w) (arXiv 1910.07467), with the gain stored as 1 + w.
+
+    The (1 + w) is the released code's, not the papers': w = 0 is the identity, so
+    a zero-initialised gain starts neutral (and decays towards 1, not towards 0).
+    """
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -190,9 +217,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(x, cos, sin):
-    """Rotate each (i, i + H/2) pair of x by its angle ("rotate half", HF layout).
+    """Rotate each channel pair (i, i + H/2) of x by its angle, in float32 (RoPE).
 
-    x (B, N, T, H); cos, sin (B, 1, T, H/2). Computed in float32 (RoFormer eq. 34).
+    RoFormer (arXiv 2104.09864, eq. 34) rotates adjacent pairs (2i, 2i + 1); this
+    "rotate half" layout pairs channel i with i + H/2. It is the same rotation
+    with the channels permuted, and Gemma was trained in this layout (HF and the
+    official gemma_pytorch alike), so q/k weights load with no permutation.
+    x (B, N, T, H); cos, sin (B, 1, T, H/2).
     """
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, N, T, H/2) each
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, N, T, H)
@@ -216,13 +247,19 @@ def rope_angles(positions, head_dim, theta, factor=1.0):
 def attention_mask(query_slots, key_slots, pad, window=None):
     """Which keys each query may see: (B, 1, T, S) booleans, True = visible.
 
-    Query t sits in cache slot query_slots[t]; it sees slots j <= its own, except
-    the left padding of its row (slots j < pad[b]). With a window W it sees only
-    the last W slots, i - W < j <= i (HF #31781 is this bound off by one).
-    Key s comes from slot key_slots[s], in any order: a full cache returns slots
-    0 .. S-1, a ring buffer its window and then the new keys (see RingKVCache),
-    with -1 for an empty slot, which is hidden as padding is.
-    Global (left) and sliding with W = 3 (right), "x" = visible:
+    Query t sits in cache slot i = query_slots[t]; it sees the slots j <= i, except
+    the left padding of its row (slots j < pad[b]). For a prompt "a b c" after two
+    pads (pad = 2), "x" = visible:
+
+        slot   0 1 2 3 4
+        pad    . . . . .
+        pad    . . . . .
+        a      . . x . .
+        b      . . x x .
+        c      . . x x x
+
+    With a window W (local layers), it sees only the last W slots, i - W < j <= i
+    (HF #31781 is this bound off by one). Global and local with W = 3, no padding:
 
         key    0 1 2 3 4 5          key    0 1 2 3 4 5
         q 0    x . . . . .          q 0    x . . . . .
@@ -232,7 +269,9 @@ def attention_mask(query_slots, key_slots, pad, window=None):
         q 4    x x x x x .          q 4    . . x x x .
         q 5    x x x x x x          q 5    . . . x x x
 
-    Left padding hides the first pad[b] columns of row b in both.
+    Key s comes from slot key_slots[s], in any order: a full cache returns slots
+    0 .. S-1, a ring buffer its window and then the new keys (see RingKVCache),
+    with -1 for an empty slot, which is hidden as padding is.
     """
     i = query_slots[:, None]  # (T, 1)
     j = key_slots[None, :]  # (1, S)
@@ -247,7 +286,11 @@ class KVCache(nn.Module):
     """Keys and values of one global layer for every slot of the sequence, preallocated.
 
     Sized once to prompt + new tokens, written in place: no reallocation while
-    decoding, and fixed shapes, which torch.compile and CUDA graphs need.
+    decoding, and fixed shapes, which torch.compile and CUDA graphs need. Its
+    size: 2 (keys, values) x B x K x S x H x bytes per value, for each global
+    layer; the local layers' caches are rings (RingKVCache). The compiled path
+    rounds S up to 256 slots (see stream).
+
     """
 
     def __init__(self, k, v):
@@ -351,10 +394,9 @@ class Gemma3Attention(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, K, S, H)
-        # Multi-query / grouped-query attention (arXiv 2305.13245): query heads
-        # k*G ... k*G + G-1 share key/value head k. Stacking those G heads along T
-        # makes one matmul per key/value head that reads the cache in place: no
-        # copy of the keys per query head.
+        # Multi-query / grouped-query attention (arXiv 1911.02150, 2305.13245): query
+        # heads k*G ... k*G + G-1 share key/value head k. Stacked along T, those G
+        # heads take one matmul that reads head k's keys in place, never copied.
         G = N // K
         q = q.reshape(B, K, G * T, H)  # (B, K, G*T, H)
         scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, K, G*T, S)
@@ -377,7 +419,8 @@ class Gemma3MLP(nn.Module):
         self.down_proj = nn.Linear(F_, D, bias=False)
 
     def forward(self, x):
-        # GeGLU (arXiv 2002.05202) with the tanh approximation of GELU.
+        # GeGLU (arXiv 2002.05202; Gemma sec. 2) with the tanh approximation of GELU,
+        # the one the checkpoints were trained with (HF PR #29402).
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
@@ -393,8 +436,8 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(D, eps)
 
     def forward(self, x, cos, sin, mask, slots, cache=None):
-        # "Sandwich" norms: each sub-block's output is normalised before it joins
-        # the residual stream (Gemma 2 paper sec. 2).
+        # "Sandwich" norms: each sub-block's output is normalised too before it joins
+        # the residual stream (Gemma 2 sec. 2, to stabilise training).
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x
@@ -442,12 +485,14 @@ class Gemma3TextModel(nn.Module):
         }
 
         x = self.embed_tokens(tokens)  # (B, T, D)
-        # Scale by sqrt(D), the scalar cast to the activation dtype first: in bf16
-        # sqrt(3072) = 55.4256 becomes 55.5, and that is the reference (HF PR #29402).
+        # Scale by sqrt(D) (the released code's, not the papers'): the rows of the
+        # embedding, which is also the LM head, are small, and the scale lifts them to
+        # the residual stream's size. The scalar is cast to the activation dtype
+        # first, as in the reference: in bf16 it keeps 8 bits (HF PR #29402).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         for i, layer in enumerate(self.layers):
             cos, sin = angles[c.layer_types[i]]
-            mask = masks[c.layer_types[i]]
+            mask = masks[c.layer_types[i]]  # layers 0-4 local, layer 5 global, ...
             x = layer(x, cos, sin, mask, slots, cache[i] if cache is not None else None)
         return self.norm(x)  # (B, T, D)
 
@@ -462,7 +507,8 @@ class Gemma3ForCausalLM(nn.Module):
         return self.logits(self.model(tokens, slots, cache, pad))  # (B, T, V)
 
     def logits(self, x):
-        # The LM head is the embedding matrix (tied weights, Gemma paper sec. 2).
+        # The LM head is the embedding matrix (tied, Gemma sec. 2): a separate head
+        # would add vocab x hidden parameters, 0.5B of gemma-2b's 2.5B.
         # No final soft-cap in Gemma 3 (report sec. 2).
         return F.linear(x, self.model.embed_tokens.weight).float()  # (..., V)
 
@@ -498,26 +544,37 @@ def sample(logits, temperature, top_k, top_p):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]  # (B,)
 
 
-def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
-    """Refuse, with a message, what would otherwise fail deep inside torch."""
+def check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens=()):
+    """(prompts as lists of ints, whether `tokens` is one prompt): a prompt is a list of
+    ints (numpy ints too) or a 1-D integer tensor or array, a batch a list of them or
+    2-D. Refuses, before any work, what would otherwise fail deep inside torch."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name, value, ok, want in [
+        ("max_new_tokens", max_new_tokens, type(max_new_tokens) is int and max_new_tokens >= 0, "an integer >= 0"),
+        ("temperature", temperature, number(temperature) and 0 <= temperature < math.inf, "a finite number >= 0"),
+        ("top_k", top_k, top_k is None or type(top_k) is int and top_k >= 1, "None or an integer >= 1"),
+        ("top_p", top_p, top_p is None or number(top_p) and 0 < top_p <= 1, "None or a number in (0, 1]"),
+        ("stop_tokens", stop_tokens, isinstance(stop_tokens, (list, tuple, set)) and all(type(t) is int for t in stop_tokens), "a list or set of ints"),
+    ]:
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value!r:.80}")
+    plain = lambda x: x.tolist() if hasattr(x, "tolist") else x  # noqa: E731  tensors, arrays, numpy ints
+    tokens = plain(tokens)
+    single = not isinstance(tokens, (list, tuple)) or not tokens or not isinstance(plain(tokens[0]), (list, tuple))
+    prompts = [tokens] if single else [plain(p) for p in tokens]
     V, max_len = model.config.vocab_size, model.config.max_position_embeddings
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        prompts[i] = p = [plain(t) for t in p] if isinstance(p, (list, tuple)) else p
+        if not isinstance(p, list) or not all(type(t) is int for t in p):
+            raise ValueError(f"a prompt is a list of token ids, not {p!r:.80}: tokenize text first (Tokenizer.encode)")
         if len(p) == 0:
             raise ValueError("empty prompt: a Gemma prompt starts with at least the <bos> token")
         bad = [t for t in p if not 0 <= t < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
         if len(p) + max_new_tokens > max_len:
-            raise ValueError(
-                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
-                f"the model's {max_len} positions"
-            )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than the model's {max_len} positions")
+    return prompts, single
 
 
 # Prompt tokens per forward while prefilling (see stream): large enough that each
@@ -533,9 +590,8 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
     Prompts of different lengths are left-padded into one batch: every row then
     writes its n-th new token into the same cache slot, and the padding is
     masked out and shifts that row's RoPE positions (see attention_mask).
-    compile=True runs the same forward through torch.compile (see compile_steps).
     """
-    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    prompts, _ = check_generate_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
     device = model.model.embed_tokens.weight.device
@@ -545,9 +601,8 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
     prefill, decode = compile_steps(model) if compile else (model.model, model)
     length = T + max_new_tokens
     if compile:
-        # Compiled code is specialised to the cache size: rounding it up lets
-        # generations of similar lengths share one compiled graph. Slots past
-        # the current one are masked, so the extra ones change nothing.
+        # Compiled code is specialised to the cache size: rounded up, it serves
+        # generations of similar lengths. Slots past the current one are masked.
         length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
     cache = model.make_cache(B, length)
 
@@ -571,13 +626,9 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
 def compile_steps(model):
     """The body over a prompt chunk (prefill) and the one-token forward (decode), compiled.
 
-    The model code stays as it is: torch.compile traces it and fuses its small
-    operations into a few kernels. Decode always has the same shapes (B tokens,
-    a cache of fixed size), so it compiles with static shapes and, on CUDA, into
-    a CUDA graph (mode="reduce-overhead") that launches all its kernels at once:
-    for one token, launching kernels one by one takes longer than running them.
-    Prompt lengths vary, so prefill compiles with dynamic shapes. What is
-    compiled is kept with the model's code, so later calls find it again.
+    torch.compile traces the same code and fuses its small operations. Decode has
+    fixed shapes, so it compiles statically and, on CUDA, into a CUDA graph that
+    launches all its kernels at once; prefill lengths vary, so it is dynamic.
     """
     cuda = model.model.embed_tokens.weight.is_cuda
     prefill = torch.compile(model.model, dynamic=True)
@@ -588,11 +639,11 @@ def compile_steps(model):
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_tokens=(), compile=False):
     """New tokens for one prompt (list of ints) or a batch (list of lists).
 
-    A prompt stops after max_new_tokens or after one of its stop tokens, which is
-    kept. compile=True runs the forward through torch.compile (see compile_steps).
+    Temperature 0 is greedy (argmax). A prompt stops after max_new_tokens or after
+    one of its stop tokens, which is kept: the instruction-tuned models end a turn
+    with <end_of_turn>, so pass its id with <eos>. compile=True: see compile_steps.
     """
-    single = len(tokens) == 0 or isinstance(tokens[0], int)  # [] is an empty prompt
-    prompts = [list(tokens)] if single else [list(p) for p in tokens]
+    prompts, single = check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):
         for row, t in enumerate(step.tolist()):
