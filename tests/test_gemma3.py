@@ -486,13 +486,20 @@ REFUSED = {
     "final_soft_cap": dict(final_logit_softcapping=30.0),
     "bidirectional_embedding_model": dict(use_bidirectional_attention=True),
     "yarn_scaling": dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}),
-    "silu": dict(hidden_activation="silu"),
+    "rope_parameters_not_an_object": dict(rope_parameters="linear"),
+    "scaled_local_layers": dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 8.0}}),
+    "scaling_factor_as_text": dict(rope_scaling={"rope_type": "linear", "factor": "8"}),
+    "scaling_factor_zero": dict(rope_scaling={"rope_type": "linear", "factor": 0}),
+    "pattern_zero": dict(sliding_window_pattern=0),
+    "window_zero": dict(sliding_window=0),
+    "layer_types_too_short": dict(layer_types=["sliding_attention"] * 5),
+    "local_base_negative": dict(rope_local_base_freq=-10_000),
 }
 
 
 @pytest.mark.parametrize("fields", REFUSED.values(), ids=REFUSED.keys())
-def test_from_hf_refuses_what_gemma_3_does_not_compute(fields):
-    with pytest.raises(ValueError):
+def test_from_hf_refuses_what_gemma_3_does_not_compute_with_a_value_error_naming_the_field(fields):
+    with pytest.raises(ValueError, match="|".join(fields)):
         Gemma3TextConfig.from_hf(HUB_GEMMA_3_1B | fields)
 
 
@@ -534,3 +541,8 @@ def test_compiled_generate_through_the_ring_gives_the_eager_tokens(gen_pair):
     eager = generate(ours, prompts, 12)
     assert generate(ours, prompts, 12, compile=True) == eager
     assert len(set(eager[0] + eager[1])) > 3
+
+
+def test_from_hf_rejects_an_activation_that_is_not_the_tanh_gelu():
+    with pytest.raises(ValueError, match="silu"):
+        Gemma3TextConfig.from_hf(HUB_GEMMA_3_1B | {"hidden_activation": "silu"})
