@@ -32,10 +32,10 @@ import torch.nn.functional as F
 class GemmaConfig:
     vocab_size: int = 256000  # V; SentencePiece pieces
     hidden_size: int = 2048  # D; the width of the residual stream
-    intermediate_size: int = 16384  # F; the width of the MLP
+    intermediate_size: int = 16384  # F; each of gate and up (Table 1 lists 2F)
     num_hidden_layers: int = 18  # L
     num_attention_heads: int = 8  # N
-    num_key_value_heads: int = 1  # K; 1 is multi-query, N is multi-head
+    num_key_value_heads: int = 1  # K; 1: multi-query, N: multi-head, else grouped-query
     head_dim: int = 256  # H; not hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -48,13 +48,18 @@ class GemmaConfig:
         # Refuse, naming the field, a value the model cannot run with: a typo in a
         # config.json would otherwise fail deep inside torch, or give NaN logits.
         for f in fields(self):
-            v, ok, least = getattr(self, f.name), True, 0 if f.name == "num_hidden_layers" else 1
+            v = getattr(self, f.name)
             if f.name.endswith("token_id"):  # None, an id, or a list of ids
-                ok, want = v is None or all(type(i) is int and 0 <= i < self.vocab_size for i in (v if type(v) is list else [v])), "None or ids < vocab_size"
-            elif f.type is int:  # a count or a width
+                ids = [] if v is None else v if type(v) is list else [v]
+                ok, want = all(type(i) is int and 0 <= i < self.vocab_size for i in ids), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width (no layers: embedding and head only)
+                least = 0 if f.name == "num_hidden_layers" else 1
                 ok, want = type(v) is int and v >= least, f"an integer >= {least}"
-            elif f.type in (float, float | None):  # eps, theta, a scalar; a cap may be None (no cap)
-                ok, want = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf), "a finite number > 0"
+            elif f.type in (float, float | None):  # eps, theta, a scale; a cap may be None
+                ok = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf)
+                want = "a finite number > 0"
+            else:
+                continue
             if not ok:
                 raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
         N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
@@ -81,16 +86,11 @@ class GemmaConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# Hugging Face config.json values of the official checkpoints (GEMMA_FACTS.md).
+# The config.json files of the official checkpoints on the Hugging Face Hub
+# (google/gemma-2b, ...); the papers' Table 1 gives the same architecture.
 CONFIGS = {
     "gemma-2b": GemmaConfig(),
-    "gemma-7b": GemmaConfig(
-        hidden_size=3072,
-        intermediate_size=24576,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-    ),
+    "gemma-7b": GemmaConfig(hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16),
 }
 
 
@@ -238,11 +238,12 @@ class GemmaMLP(nn.Module):
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
         self.self_attn = GemmaAttention(config)
         # Named "post-attention" in HF, but it is the norm in front of the MLP: both
         # sub-layers normalise their input (pre-norm, Gemma sec. 2).
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(D, eps)
         self.mlp = GemmaMLP(config)
 
     def forward(self, x, cos, sin, mask, slots, cache=None):

@@ -1,27 +1,23 @@
 """Gemma 2 in one file: config, model, KV cache and generation.
 
-Gemma 2: Improving Open Language Models at a Practical Size, arXiv 2408.00118;
-it builds on Gemma, arXiv 2403.08295. Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
+Gemma 2: Improving Open Language Models at a Practical Size, arXiv 2408.00118, after
+Gemma: Open Models Based on Gemini Research and Technology, arXiv 2403.08295.
+Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
 attention (arXiv 1911.02150, 2305.13245), GeGLU (arXiv 2002.05202), RMSNorm
 (arXiv 1910.07467). Parameter names equal the Hugging Face state-dict names,
 so a `transformers` checkpoint loads without renaming (see weights.py).
 
-What differs from Gemma 1 (`diff gemma.py gemma2.py` shows exactly this):
-  - local and global attention alternate, layer 0 local: layers 0, 2, 4, ...
-    see only the last `sliding_window` (4096) positions, layers 1, 3, 5, ...
-    see everything (sec. 2: local attention is cheaper at long contexts);
-  - attention logits are soft-capped, cap * tanh(logits / cap) with cap 50,
-    and so are the final logits, with cap 30 (sec. 2: it stabilises training);
-  - queries are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
-    (they differ for the 27B model: 144 against 128; from the released
-    configs, the paper does not discuss it);
-  - "sandwich" norms: each block normalises both the input and the output of
-    attention and of the MLP, four RMSNorms instead of two (sec. 2);
-  - grouped-query attention in every size, two query heads per key/value
-    head (sec. 2: faster inference at the same quality).
-What stays as in Gemma 1: the sqrt(hidden_size) embedding scale, the tied LM
-head, RMSNorm with (1 + weight), GeGLU with the tanh GELU, RoPE, head_dim as
-its own setting, the 256000-token vocabulary.
+What differs from Gemma 1 (`diff gemma.py gemma2.py` shows exactly this; sec. 2):
+  - local and global attention alternate, layer 0 local: a local layer sees
+    only the last `sliding_window` (4096) positions, cheaper on long contexts;
+  - attention logits soft-capped, cap * tanh(logits / cap), cap 50, and the
+    final logits at 30, to stabilise training;
+  - queries scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+    (144 against 128 in the 27B; from the released configs, not the paper);
+  - "sandwich" norms: the outputs of attention and MLP are normalised too;
+  - grouped-query attention in every size, two query heads per key/value head.
+The rest is Gemma 1's: sqrt(hidden_size) embedding scale, tied LM head, RMSNorm
+with (1 + weight), GeGLU, rotate-half RoPE, head_dim apart from hidden_size.
 
 Shape legend: B batch, T query length, S key length (cache size), D hidden,
 N query heads, K key/value heads, H head_dim, F ffn, V vocab, L layers.
@@ -39,10 +35,10 @@ import torch.nn.functional as F
 class Gemma2Config:
     vocab_size: int = 256000  # V; SentencePiece pieces
     hidden_size: int = 2304  # D; the width of the residual stream
-    intermediate_size: int = 9216  # F; the width of the MLP
+    intermediate_size: int = 9216  # F; each of gate and up (Table 1 lists 2F)
     num_hidden_layers: int = 26  # L
     num_attention_heads: int = 8  # N
-    num_key_value_heads: int = 4  # K; N / K query heads share a key/value head
+    num_key_value_heads: int = 4  # K; 1: multi-query, N: multi-head, else grouped-query
     head_dim: int = 256  # H; not hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -54,21 +50,27 @@ class Gemma2Config:
     sliding_window: int = 4096  # how far back a local layer sees
     attn_logit_softcapping: float | None = 50.0  # None: no cap
     final_logit_softcapping: float | None = 30.0  # None: no cap
-    # "sliding_attention" or "full_attention" for each layer; None: local on the
-    # even layers and global on the odd ones, as in the released models.
+    # "sliding_attention" or "full_attention" for each layer; None: layer 0 local,
+    # layer 1 global, and so on, as in the released models (the paper says only
+    # that they alternate).
     layer_types: list | None = None
 
     def __post_init__(self):
         # Refuse, naming the field, a value the model cannot run with: a typo in a
         # config.json would otherwise fail deep inside torch, or give NaN logits.
         for f in fields(self):
-            v, ok, least = getattr(self, f.name), True, 0 if f.name == "num_hidden_layers" else 1
+            v = getattr(self, f.name)
             if f.name.endswith("token_id"):  # None, an id, or a list of ids
-                ok, want = v is None or all(type(i) is int and 0 <= i < self.vocab_size for i in (v if type(v) is list else [v])), "None or ids < vocab_size"
-            elif f.type is int:  # a count or a width
+                ids = [] if v is None else v if type(v) is list else [v]
+                ok, want = all(type(i) is int and 0 <= i < self.vocab_size for i in ids), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width (no layers: embedding and head only)
+                least = 0 if f.name == "num_hidden_layers" else 1
                 ok, want = type(v) is int and v >= least, f"an integer >= {least}"
-            elif f.type in (float, float | None):  # eps, theta, a scalar; a cap may be None (no cap)
-                ok, want = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf), "a finite number > 0"
+            elif f.type in (float, float | None):  # eps, theta, a scale; a cap may be None
+                ok = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf)
+                want = "a finite number > 0"
+            else:
+                continue
             if not ok:
                 raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
         N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
@@ -91,7 +93,8 @@ class Gemma2Config:
             raise ValueError(f"config field rope_parameters = {rope!r:.80}: only the default RoPE is implemented")
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
-        # The tanh GELU, whichever of the two keys names it (HF PR #29402).
+        # The Hub files say "hidden_act": "gelu", which transformers reads as the
+        # tanh approximation, the activation Gemma was trained with (HF PR #29402).
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported activation {act!r}: Gemma uses the tanh GELU")
@@ -99,27 +102,16 @@ class Gemma2Config:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# Hugging Face config.json values of the official checkpoints (GEMMA_FACTS.md).
+# The config.json files of the official checkpoints on the Hugging Face Hub
+# (google/gemma-2b, ...); the papers' Table 1 gives the same architecture.
 CONFIGS = {
     "gemma-2-2b": Gemma2Config(),
-    "gemma-2-9b": Gemma2Config(
-        hidden_size=3584,
-        intermediate_size=14336,
-        num_hidden_layers=42,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-    ),
-    "gemma-2-27b": Gemma2Config(
-        hidden_size=4608,
-        intermediate_size=36864,
-        num_hidden_layers=46,
-        num_attention_heads=32,
-        num_key_value_heads=16,
-        head_dim=128,
-        # hidden_size / num_attention_heads = 144, not head_dim = 128 (llama.cpp
-        # PR #8444; the official gemma_pytorch config and the Hub config.json).
-        query_pre_attn_scalar=144,
-    ),
+    "gemma-2-9b": Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8),
+    # query_pre_attn_scalar = hidden_size / num_attention_heads = 144, not head_dim = 128:
+    # a value of the released configs only, which the paper does not discuss
+    # (llama.cpp PR #8444; gemma_pytorch's config and the Hub config.json agree).
+    "gemma-2-27b": Gemma2Config(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16,
+                                head_dim=128, query_pre_attn_scalar=144),
 }
 
 
@@ -216,12 +208,9 @@ class KVCache(nn.Module):
     size, all layers: 2 (keys, values) x L x B x K x S x H x bytes per value;
     gemma-2-2b in bf16: 2 x 26 x 4 x 256 x 2 bytes = 104 KiB per token, 832 MiB
     for 8192 tokens. The compiled path rounds S up to 256 slots (see stream).
-
-    Local layers keep the full length too and hide old keys with the window mask.
-    A ring buffer of `sliding_window` slots would use less memory once the
-    sequence is longer than the window (at 8192 tokens and a 4096 window, 3/4 of
-    the cache), but needs its own slot arithmetic and a mask per layer type: the
-    full cache is exact by construction and Gemma 1's code (gemma3.py has both).
+    Local layers keep every slot too and hide old ones with the window mask: a
+    ring buffer of `sliding_window` slots would save 1/4 of this at 8192 tokens,
+    for slot arithmetic of its own (gemma3.py has one, where it saves 5/6).
     """
 
     def __init__(self, k, v):
@@ -267,9 +256,8 @@ class Gemma2Attention(nn.Module):
         q = q.reshape(B, K, G * T, H)  # (B, K, G*T, H)
         scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, K, G*T, S)
         scores = scores.view(B, K, G, T, -1)  # (B, K, G, T, S)
-        # Soft-cap before the mask: after it, masked scores would rise to -cap and get
-        # weight. A cap is also why Gemma 2 cannot use F.scaled_dot_product_attention
-        # (HF PR #32865).
+        # Soft-cap before the mask, or masked scores would rise to -cap and get weight;
+        # the cap is why Gemma 2 cannot use F.scaled_dot_product_attention (HF PR #32865).
         scores = softcap(scores, self.softcap)
         # The most negative float rather than -inf: a query that sees nothing (a
         # left-padding slot) then averages instead of producing NaN.
