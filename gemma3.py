@@ -1,32 +1,26 @@
 """Gemma 3 (text) in one file: config, model, KV cache and generation.
 
-Gemma 3 Technical Report, arXiv 2503.19786; it builds on Gemma 2, arXiv 2408.00118,
-and Gemma, arXiv 2403.08295. Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
+Gemma 3 Technical Report, arXiv 2503.19786, after Gemma 2: Improving Open
+Language Models at a Practical Size, arXiv 2408.00118, and Gemma, arXiv 2403.08295.
+Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
 attention (arXiv 1911.02150, 2305.13245), GeGLU (arXiv 2002.05202), RMSNorm
 (arXiv 1910.07467). Parameter names equal the Hugging Face state-dict names,
 so a `transformers` checkpoint loads without renaming (see weights.py).
 
-What differs from Gemma 2 (`diff gemma2.py gemma3.py` shows exactly this;
-sections of the Gemma 3 report):
-  - QK-norm: queries and keys go through an RMSNorm over head_dim before RoPE;
-    it replaces the attention soft-cap, and the final logits are not
-    soft-capped either (sec. 2);
-  - five local layers for every global one: layer i is global when
-    (i + 1) % 6 == 0, instead of every other layer (sec. 2);
-  - a shorter window: 1024 positions (4B, 12B, 27B; sec. 2) or 512 (270M, 1B;
-    their config.json), instead of 4096;
-  - two RoPE bases: 10,000 on local layers, 1,000,000 on global ones, and on
-    the global layers of the 4B, 12B and 27B positions divided by 8 (linear
-    positional interpolation, arXiv 2306.15595) (sec. 2, "Long context");
-  - the KV cache of a local layer holds only the window, in a ring buffer:
-    the memory saving is the reason for the two changes above (sec. 5.2);
-  - a 262,144-piece vocabulary (262,208 in the text tower of the multimodal
-    4B, 12B and 27B checkpoints: 64 image tokens);
-  - the classifier heads of gemma2.py are left out (text generation only).
-What stays as in Gemma 2: sandwich norms, queries scaled by
-query_pre_attn_scalar ** -0.5 (27B: 168, not head_dim 128), grouped-query
-attention, the sqrt(hidden_size) embedding scale, the tied LM head, RMSNorm
-with (1 + weight), GeGLU with the tanh GELU, head_dim as its own setting.
+What differs from Gemma 2 (`diff gemma2.py gemma3.py` shows exactly this; sec. 2):
+  - QK-norm: an RMSNorm over head_dim on queries and keys, in place of the
+    attention soft-cap; no final soft-cap either;
+  - five local layers for every global one (layer i global when (i + 1) % 6
+    == 0), with a window of 1024 positions (512 in the 270M and 1B configs);
+  - two RoPE bases, 10k on local layers and 1M on global ones, and in the 4B,
+    12B and 27B the global positions scaled down by 8 (positional interpolation);
+  - the KV cache of a local layer holds only its window, a ring buffer: that
+    saving is the reason for the two changes above (sec. 5.2);
+  - a 262,144-piece vocabulary (262,208 in the multimodal checkpoints' text tower);
+  - text only: no vision tower (4B, 12B, 27B), and no classifier heads.
+The rest is Gemma 2's: sandwich norms, query_pre_attn_scalar (168 in the 27B),
+grouped-query attention, sqrt(hidden_size) embedding scale, tied LM head, RMSNorm
+with (1 + weight), GeGLU, rotate-half RoPE, head_dim apart from hidden_size.
 
 Shape legend: B batch, T query length, S key length (cache size), D hidden,
 N query heads, K key/value heads, H head_dim, F ffn, V vocab, L layers.
@@ -47,10 +41,10 @@ class Gemma3TextConfig:
     # the text fields that differ from them (see CONFIGS for the released values).
     vocab_size: int = 262208  # V; SentencePiece pieces (+ 64 image tokens here)
     hidden_size: int = 2304  # D; the width of the residual stream
-    intermediate_size: int = 9216  # F; the width of the MLP
+    intermediate_size: int = 9216  # F; each of gate and up (Table 1 lists 2F)
     num_hidden_layers: int = 26  # L
     num_attention_heads: int = 8  # N
-    num_key_value_heads: int = 4  # K; N / K query heads share a key/value head
+    num_key_value_heads: int = 4  # K; 1: multi-query, N: multi-head, else grouped-query
     head_dim: int = 256  # H; not hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     # Two RoPE bases: 1M on global layers for long context, 10k on local ones
@@ -75,13 +69,18 @@ class Gemma3TextConfig:
         # Refuse, naming the field, a value the model cannot run with: a typo in a
         # config.json would otherwise fail deep inside torch, or give NaN logits.
         for f in fields(self):
-            v, ok, least = getattr(self, f.name), True, 0 if f.name == "num_hidden_layers" else 1
+            v = getattr(self, f.name)
             if f.name.endswith("token_id"):  # None, an id, or a list of ids
-                ok, want = v is None or all(type(i) is int and 0 <= i < self.vocab_size for i in (v if type(v) is list else [v])), "None or ids < vocab_size"
-            elif f.type is int:  # a count or a width
+                ids = [] if v is None else v if type(v) is list else [v]
+                ok, want = all(type(i) is int and 0 <= i < self.vocab_size for i in ids), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width (no layers: embedding and head only)
+                least = 0 if f.name == "num_hidden_layers" else 1
                 ok, want = type(v) is int and v >= least, f"an integer >= {least}"
-            elif f.type is float:  # eps, the two RoPE bases, the query scalar
-                ok, want = type(v) in (int, float) and 0 < v < math.inf, "a finite number > 0"
+            elif f.type in (float, float | None):  # eps, theta, a scale; a cap may be None
+                ok = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf)
+                want = "a finite number > 0"
+            else:
+                continue
             if not ok:
                 raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
         N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
@@ -129,7 +128,8 @@ class Gemma3TextConfig:
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
             if d.get(key):
                 raise ValueError(f"config field {key} = {d[key]!r:.80}: Gemma 3 has no soft-cap and attends causally")
-        # The tanh GELU, whichever of the two keys names it (HF PR #29402).
+        # The Hub files say "hidden_act": "gelu", which transformers reads as the
+        # tanh approximation, the activation Gemma was trained with (HF PR #29402).
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported activation {act!r}: Gemma uses the tanh GELU")
@@ -137,61 +137,23 @@ class Gemma3TextConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# Hugging Face config.json values of the released text models (transformers'
-# convert_gemma3_weights.py, the Hub config.json files); 4B, 12B and 27B are the
-# text towers of the multimodal checkpoints.
+# The config.json files of the released models on the Hugging Face Hub
+# (google/gemma-3-1b-pt, ...; for 4B, 12B, 27B the text_config of the multimodal
+# checkpoint); the report's Table 1 gives their parameter counts.
 CONFIGS = {
-    "gemma-3-270m": Gemma3TextConfig(
-        vocab_size=262144,
-        hidden_size=640,
-        intermediate_size=2048,
-        num_hidden_layers=18,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=32768,
-        sliding_window=512,
-    ),
-    "gemma-3-1b": Gemma3TextConfig(
-        vocab_size=262144,
-        hidden_size=1152,
-        intermediate_size=6912,
-        num_hidden_layers=26,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=32768,
-        sliding_window=512,
-    ),
-    "gemma-3-4b": Gemma3TextConfig(
-        hidden_size=2560,
-        intermediate_size=10240,
-        num_hidden_layers=34,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        sliding_window=1024,
-        rope_scaling={"rope_type": "linear", "factor": 8.0},
-    ),
-    "gemma-3-12b": Gemma3TextConfig(
-        hidden_size=3840,
-        intermediate_size=15360,
-        num_hidden_layers=48,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        sliding_window=1024,
-        rope_scaling={"rope_type": "linear", "factor": 8.0},
-    ),
-    "gemma-3-27b": Gemma3TextConfig(
-        hidden_size=5376,
-        intermediate_size=21504,
-        num_hidden_layers=62,
-        num_attention_heads=32,
-        num_key_value_heads=16,
-        head_dim=128,
-        # hidden_size / num_attention_heads = 168, not head_dim = 128, as in
-        # Gemma 2 27B (the Hub config.json).
-        query_pre_attn_scalar=168,
-        sliding_window=1024,
-        rope_scaling={"rope_type": "linear", "factor": 8.0},
-    ),
+    "gemma-3-270m": Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                                     num_key_value_heads=1, max_position_embeddings=32768, sliding_window=512),
+    "gemma-3-1b": Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                                   num_key_value_heads=1, max_position_embeddings=32768, sliding_window=512),
+    # The text towers of the multimodal checkpoints: global positions scaled by 8.
+    "gemma-3-4b": Gemma3TextConfig(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+                                   sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    "gemma-3-12b": Gemma3TextConfig(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8,
+                                    sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0}),
+    # query_pre_attn_scalar = hidden_size / num_attention_heads = 168, not head_dim = 128,
+    # as in Gemma 2 27B (the Hub config.json).
+    "gemma-3-27b": Gemma3TextConfig(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16,
+                                    head_dim=128, query_pre_attn_scalar=168, sliding_window=1024, rope_scaling={"rope_type": "linear", "factor": 8.0}),
 }
 
 
@@ -290,7 +252,6 @@ class KVCache(nn.Module):
     size: 2 (keys, values) x B x K x S x H x bytes per value, for each global
     layer; the local layers' caches are rings (RingKVCache). The compiled path
     rounds S up to 256 slots (see stream).
-
     """
 
     def __init__(self, k, v):
