@@ -18,9 +18,10 @@ import gemma
 import gemma2
 
 # (embedding, non-embedding) parameters as printed in each paper's Table 2.
-# Gemma 2's 9B non-embedding count is 8,324,201,984 in the Table 2 we could
-# read (the arXiv text as transcribed in several public notes); it equals the
-# released config's count exactly.
+# Gemma 2's 9B non-embedding count: the released config gives 8,324,201,984, as
+# do the transcriptions of Table 2 we could read; a reading of the arXiv PDF
+# reports 8,324,201,472, 512 fewer, which no config gives. The count asserted
+# here is the config's (the README's parameter table says so too).
 PAPER = {
     "gemma-2b": (524_550_144, 1_981_884_416),
     "gemma-7b": (786_825_216, 7_751_248_896),
