@@ -546,3 +546,40 @@ def test_compiled_generate_through_the_ring_gives_the_eager_tokens(gen_pair):
 def test_from_hf_rejects_an_activation_that_is_not_the_tanh_gelu():
     with pytest.raises(ValueError, match="silu"):
         Gemma3TextConfig.from_hf(HUB_GEMMA_3_1B | {"hidden_activation": "silu"})
+
+
+# --- diff gemma2.py gemma3.py is the list of changes -------------------------------
+
+# Each Gemma 3 change, with the words that name it in the code (as tests/test_diff.py
+# does for Gemma 1 -> 2): a hunk of the diff that names none of them and is no
+# rename is a change the module docstring and the README do not list.
+GEMMA3_CHANGES = {
+    "QK-norm replaces the attention soft-cap": r"q_norm|k_norm|QK-norm|softcap|soft-cap",
+    "five local layers per global one, shorter window": r"sliding|window|local|global|layer_types|\bmasks?\b|% 6|% n\b",
+    "two RoPE bases, linear scaling on global layers": r"rope|RoPE|factor|angles",
+    "ring-buffer cache for local layers": r"[Rr]ing|key_slots|KVCache|make_cache|zeros",
+    "vocabulary and presets": r"vocab_size|CONFIGS|gemma-3-|config\.json|max_position_embeddings|eos_token_id",
+    "text only: no classifier heads": r"[Cc]lassifi|ForSequenceClassification|ForTokenClassification|score",
+}
+RENAMED = r"\bGemma[23](Text)?(Config|Attention|MLP|DecoderLayer|Model|ForCausalLM)\b"
+
+
+def diff_hunks():
+    """(lines of gemma2.py, lines of gemma3.py) of each hunk below the module docstrings."""
+    import difflib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    old, new = ((root / f).read_text().splitlines() for f in ("gemma2.py", "gemma3.py"))
+    start = lambda lines: lines.index("import math")  # noqa: E731
+    for tag, a, b, c, d in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        if tag != "equal" and (a >= start(old) or c >= start(new)):
+            yield old[a:b], new[c:d]
+
+
+def test_every_hunk_of_diff_gemma2_gemma3_names_a_gemma3_change_or_a_renamed_class():
+    import re
+
+    pattern = re.compile("|".join([*GEMMA3_CHANGES.values(), RENAMED]))
+    unexplained = [(a, b) for a, b in diff_hunks() if not any(pattern.search(line) for line in a + b)]
+    assert not unexplained, "\n---\n".join("\n".join(["< " + x for x in a] + ["> " + x for x in b]) for a, b in unexplained)
