@@ -1,8 +1,9 @@
-"""Read Gemma and Gemma 2 checkpoints, strictly, and write the Hugging Face layout.
+"""Read Gemma, Gemma 2 and Gemma 3 (text) checkpoints, strictly, and write the Hugging Face layout.
 
 Two formats are read:
   - a Hugging Face directory: config.json plus model.safetensors, or shards
-    model-0000i-of-0000n.safetensors listed in model.safetensors.index.json;
+    model-0000i-of-0000n.safetensors listed in model.safetensors.index.json
+    (of a multimodal Gemma 3, its text tower: see gemma3_text_tower);
   - the official PyTorch release (gemma_pytorch): one .ckpt holding
     {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
 
