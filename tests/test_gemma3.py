@@ -338,6 +338,16 @@ def test_bf16_model_picks_the_same_top_token_as_transformers_bf16_at_most_positi
     assert (got.argmax(-1) == ref).float().mean() >= 0.9
 
 
+@torch.no_grad()
+def test_in_bf16_the_embedding_scale_and_the_norm_round_exactly_as_transformers():
+    # As in test_gemma2.py: no layers, D = 3072, so the bf16 rounding of sqrt(D)
+    # (55.4256 -> 55.5) and the float32 (1 + w) of the final norm are checked bit for bit.
+    fields = dict(TINY, vocab_size=16, hidden_size=3072, num_hidden_layers=0, num_attention_heads=1, num_key_value_heads=1, layer_types=[])
+    hf, ours = oracle.pair("gemma3", seed=8, dtype=torch.bfloat16, **fields)
+    x = torch.arange(16)[None]
+    assert torch.equal(ours.model(x), hf.model(input_ids=x).last_hidden_state)
+
+
 # --- config ----------------------------------------------------------------------
 
 # The config.json files of the released models as the Hub holds them (the
