@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 import gemma
 import gemma2
+import hf_format
 import weights
 from test_weights import official_state_dict
 
@@ -475,8 +476,8 @@ def test_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path, load_f
 @pytest.fixture
 def load_fails_reading_nothing(monkeypatch):
     opened = []
-    read_safetensors = weights.read_safetensors
-    monkeypatch.setattr(weights, "read_safetensors", lambda path: opened.append(path) or read_safetensors(path))
+    read_safetensors = hf_format.read_safetensors
+    monkeypatch.setattr(hf_format, "read_safetensors", lambda path: opened.append(path) or read_safetensors(path))
 
     def check(path, *fragments):
         opened.clear()

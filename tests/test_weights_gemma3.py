@@ -13,6 +13,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+import hf_format
 import weights
 from gemma3 import Gemma3ForCausalLM, Gemma3TextConfig
 from hf_oracle import hf_causal_lm, hf_logits, randomize_
@@ -83,7 +84,7 @@ LAYOUTS = {
 def test_multimodal_checkpoint_loads_its_text_tower_in_every_key_layout_and_says_it_skips_the_vision_tower(tmp_path, layout, capsys):
     mm = multimodal()
     save_in_layout(mm, tmp_path / "mm", layout)
-    stored = weights.read_safetensors(tmp_path / "mm" / "model.safetensors")
+    stored = hf_format.read_safetensors(tmp_path / "mm" / "model.safetensors")
     assert LAYOUTS[layout] in stored and any("vision_tower" in k for k in stored)
     model = weights.load(tmp_path / "mm", device="cpu")
     assert type(model) is Gemma3ForCausalLM
