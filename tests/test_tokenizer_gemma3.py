@@ -285,3 +285,18 @@ def test_after_a_system_message_the_turns_must_still_alternate_from_user(gemma3,
         tok.format_chat(messages)
     with pytest.raises(Exception, match="alternate"):
         hf.apply_chat_template(messages, tokenize=False, chat_template=GEMMA3_TEMPLATE)
+
+
+def test_the_gemma3_demo_tokenizer_is_the_demo_tokenizer_plus_gemma_3s_image_pieces():
+    # scripts/train_demo.py appends the two pieces, so tokenizer.py picks Gemma 3's
+    # template for the demo and every other id is the other demos'.
+    demo3 = Tokenizer(BASE.parents[1] / "gemma3-demo" / "tokenizer.model")
+    demo = Tokenizer(BASE)
+    assert demo3.is_gemma3
+    assert demo3.vocab_size == demo.vocab_size + 2
+    assert [demo3.sp.id_to_piece(i) for i in (demo.vocab_size, demo.vocab_size + 1)] == ["<start_of_image>", "<end_of_image>"]
+    assert [demo3.sp.id_to_piece(i) for i in range(demo.vocab_size)] == [demo.sp.id_to_piece(i) for i in range(demo.vocab_size)]
+    for text in HARD_STRINGS:
+        assert demo3.encode(text) == demo.encode(text)
+    messages = SYSTEM_CONVERSATIONS[0]
+    assert demo3.format_chat(messages) == "<bos><start_of_turn>user\nYou are a helpful assistant.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
