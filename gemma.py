@@ -32,10 +32,10 @@ import torch.nn.functional as F
 class GemmaConfig:
     vocab_size: int = 256000  # V; SentencePiece pieces
     hidden_size: int = 2048  # D; the width of the residual stream
-    intermediate_size: int = 16384  # F; the width of the MLP
+    intermediate_size: int = 16384  # F; each of gate and up (Table 1 lists 2F)
     num_hidden_layers: int = 18  # L
     num_attention_heads: int = 8  # N
-    num_key_value_heads: int = 1  # K; 1 is multi-query, N is multi-head
+    num_key_value_heads: int = 1  # K; 1: multi-query, N: multi-head, else grouped-query
     head_dim: int = 256  # H; not hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -44,16 +44,38 @@ class GemmaConfig:
     eos_token_id: int = 1
     bos_token_id: int = 2
 
+    def __post_init__(self):
+        # Refuse, naming the field, a value the model cannot run with: a typo in a
+        # config.json would otherwise fail deep inside torch, or give NaN logits.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("token_id"):  # None, an id, or a list of ids
+                ids = [] if v is None else v if type(v) is list else [v]
+                ok, want = all(type(i) is int and 0 <= i < self.vocab_size for i in ids), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width (no layers: embedding and head only)
+                least = 0 if f.name == "num_hidden_layers" else 1
+                ok, want = type(v) is int and v >= least, f"an integer >= {least}"
+            elif f.type in (float, float | None):  # eps, theta, a scale; a cap may be None
+                ok = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf)
+                want = "a finite number > 0"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
+        N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if N % K or H % 2:  # each key/value head serves N / K query heads; RoPE rotates pairs
+            raise ValueError(f"config fields num_attention_heads = {N}, num_key_value_heads = {K}, head_dim = {H}: K must divide N, and H be even")
+
     @classmethod
     def from_hf(cls, d):
         """The config from a parsed Hugging Face config.json (both layouts)."""
         d = dict(d)
         # transformers 5 nests rope_theta in rope_parameters; the Hub files of the
         # official models keep it at the top level.
-        if "rope_parameters" in d and d["rope_parameters"]:
-            rope = d["rope_parameters"]
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"unsupported rope_type {rope['rope_type']!r}")
+        rope = d.get("rope_parameters") or {}
+        if type(rope) is not dict or rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config field rope_parameters = {rope!r:.80}: only the default RoPE is implemented")
+        if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
         # The Hub files say "hidden_act": "gelu", which transformers reads as the
         # tanh approximation, the activation Gemma was trained with (HF PR #29402).
@@ -64,20 +86,21 @@ class GemmaConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# Hugging Face config.json values of the official checkpoints (GEMMA_FACTS.md).
+# The config.json files of the official checkpoints on the Hugging Face Hub
+# (google/gemma-2b, ...); the papers' Table 1 gives the same architecture.
 CONFIGS = {
     "gemma-2b": GemmaConfig(),
-    "gemma-7b": GemmaConfig(
-        hidden_size=3072,
-        intermediate_size=24576,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-    ),
+    "gemma-7b": GemmaConfig(hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16),
 }
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w) (arXiv 1910.07467), with the gain stored as 1 + w.
+
+    The (1 + w) is the released code's, not the papers': w = 0 is the identity, so
+    a zero-initialised gain starts neutral (and decays towards 1, not towards 0).
+    """
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -93,9 +116,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(x, cos, sin):
-    """Rotate each (i, i + H/2) pair of x by its angle ("rotate half", HF layout).
+    """Rotate each channel pair (i, i + H/2) of x by its angle, in float32 (RoPE).
 
-    x (B, N, T, H); cos, sin (B, 1, T, H/2). Computed in float32 (RoFormer eq. 34).
+    RoFormer (arXiv 2104.09864, eq. 34) rotates adjacent pairs (2i, 2i + 1); this
+    "rotate half" layout pairs channel i with i + H/2. It is the same rotation
+    with the channels permuted, and Gemma was trained in this layout (HF and the
+    official gemma_pytorch alike), so q/k weights load with no permutation.
+    x (B, N, T, H); cos, sin (B, 1, T, H/2).
     """
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, N, T, H/2) each
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, N, T, H)
@@ -103,8 +130,12 @@ def rope(x, cos, sin):
 
 
 def rope_angles(positions, head_dim, theta):
-    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32.
+
+    Written 1 / theta^(2i/H), as transformers computes it: theta^(-2i/H) differs
+    in the last bit, and at position 8191 that bit moves the logits by 1e-5.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (H/2,)
     angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, H/2)
     return angles.cos(), angles.sin()
 
@@ -112,7 +143,7 @@ def rope_angles(positions, head_dim, theta):
 def attention_mask(query_slots, key_len, pad):
     """Which keys each query may see: (B, 1, T, S) booleans, True = visible.
 
-    Query t sits in cache slot query_slots[t]; it sees slots j <= its own, except
+    Query t sits in cache slot i = query_slots[t]; it sees the slots j <= i, except
     the left padding of its row (slots j < pad[b]). For a prompt "a b c" after two
     pads (pad = 2), "x" = visible:
 
@@ -123,29 +154,36 @@ def attention_mask(query_slots, key_len, pad):
         b      . . x x .
         c      . . x x x
     """
-    j = torch.arange(key_len, device=query_slots.device)  # (S,)
-    causal = j[None, :] <= query_slots[:, None]  # (T, S)
-    not_pad = j[None, :] >= pad[:, None]  # (B, S)
-    return (causal[None, :, :] & not_pad[:, None, :])[:, None]  # (B, 1, T, S)
+    i = query_slots[:, None]  # (T, 1)
+    j = torch.arange(key_len, device=query_slots.device)[None, :]  # (1, S)
+    visible = j <= i  # (T, S)
+    not_pad = j >= pad[:, None]  # (B, S)
+    return (visible[None, :, :] & not_pad[:, None, :])[:, None]  # (B, 1, T, S)
 
 
 class KVCache(nn.Module):
     """Keys and values of one layer for every slot of the sequence, preallocated.
 
     Sized once to prompt + new tokens, written in place: no reallocation while
-    decoding, and fixed shapes, which torch.compile and CUDA graphs need.
+    decoding, and fixed shapes, which torch.compile and CUDA graphs need. Its
+    size, all layers: 2 (keys, values) x L x B x K x S x H x bytes per value;
+    gemma-2b in bf16: 2 x 18 x 1 x 256 x 2 bytes = 18 KiB per token, 144 MiB
+    for 8192 tokens. The compiled path rounds S up to 256 slots (see stream).
     """
 
-    def __init__(self, batch, kv_heads, length, head_dim, dtype, device):
+    def __init__(self, k, v):
         super().__init__()
-        shape = (batch, kv_heads, length, head_dim)  # (B, K, S, H)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)  # (B, K, S, H)
+        self.register_buffer("v", v, persistent=False)  # (B, K, S, H)
 
     def update(self, slots, k, v):
         self.k[:, :, slots] = k  # k, v (B, K, T, H) into slots (T,)
         self.v[:, :, slots] = v
         return self.k, self.v  # (B, K, S, H)
+
+    def prefix(self, length):
+        """The first `length` slots, sharing this cache's memory (see stream)."""
+        return KVCache(self.k[:, :, :length], self.v[:, :, :length])
 
 
 class GemmaAttention(nn.Module):
@@ -167,18 +205,19 @@ class GemmaAttention(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, K, S, H)
-        # Multi-query / grouped-query attention: each key/value head serves N // K
-        # query heads (arXiv 2305.13245).
-        k = k.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
-        v = v.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
-
-        scores = (q @ k.transpose(2, 3)).float() * H**-0.5  # (B, N, T, S)
+        # Multi-query / grouped-query attention (arXiv 1911.02150, 2305.13245): query
+        # heads k*G ... k*G + G-1 share key/value head k. Stacked along T, those G
+        # heads take one matmul that reads head k's keys in place, never copied.
+        G = N // K
+        q = q.reshape(B, K, G * T, H)  # (B, K, G*T, H)
+        scores = (q @ k.transpose(2, 3)).float() * H**-0.5  # (B, K, G*T, S)
+        scores = scores.view(B, K, G, T, -1)  # (B, K, G, T, S)
         # The most negative float rather than -inf: a query that sees nothing (a
         # left-padding slot) then averages instead of producing NaN.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)  # mask (B, 1, 1, T, S)
         # Softmax in float32, then back to the activation dtype, as in HF eager.
-        probs = scores.softmax(dim=-1).to(q.dtype)  # (B, N, T, S)
-        out = (probs @ v).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
+        probs = scores.softmax(dim=-1).to(q.dtype).view(B, K, G * T, -1)  # (B, K, G*T, S)
+        out = (probs @ v).view(B, N, T, H).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
         return self.o_proj(out)  # (B, T, D)
 
 
@@ -191,17 +230,20 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(F_, D, bias=False)
 
     def forward(self, x):
-        # GeGLU (arXiv 2002.05202) with the tanh approximation of GELU.
+        # GeGLU (arXiv 2002.05202; Gemma sec. 2) with the tanh approximation of GELU,
+        # the one the checkpoints were trained with (HF PR #29402).
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(D, eps)
         self.self_attn = GemmaAttention(config)
-        # Named "post-attention" in HF, but it is the norm in front of the MLP.
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Named "post-attention" in HF, but it is the norm in front of the MLP: both
+        # sub-layers normalise their input (pre-norm, Gemma sec. 2).
+        self.post_attention_layernorm = RMSNorm(D, eps)
         self.mlp = GemmaMLP(config)
 
     def forward(self, x, cos, sin, mask, slots, cache=None):
@@ -238,8 +280,10 @@ class GemmaModel(nn.Module):
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
 
         x = self.embed_tokens(tokens)  # (B, T, D)
-        # Scale by sqrt(D), the scalar cast to the activation dtype first: in bf16
-        # sqrt(3072) = 55.4256 becomes 55.5, and that is the reference (HF PR #29402).
+        # Scale by sqrt(D) (the released code's, not the papers'): the rows of the
+        # embedding, which is also the LM head, are small, and the scale lifts them to
+        # the residual stream's size. The scalar is cast to the activation dtype
+        # first, as in the reference: in bf16 it keeps 8 bits (HF PR #29402).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, slots, cache[i] if cache is not None else None)
@@ -253,17 +297,19 @@ class GemmaForCausalLM(nn.Module):
         self.model = GemmaModel(config)
 
     def forward(self, tokens, slots=None, cache=None, pad=None):
-        x = self.model(tokens, slots, cache, pad)  # (B, T, D)
-        # The LM head is the embedding matrix (tied weights, Gemma paper sec. 2).
-        return F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, V)
+        return self.logits(self.model(tokens, slots, cache, pad))  # (B, T, V)
+
+    def logits(self, x):
+        # The LM head is the embedding matrix (tied, Gemma sec. 2): a separate head
+        # would add vocab x hidden parameters, 0.5B of gemma-2b's 2.5B.
+        return F.linear(x, self.model.embed_tokens.weight).float()  # (..., V)
 
     def make_cache(self, batch, length):
         """One preallocated KVCache per layer, in the dtype and device of the model."""
         c, w = self.config, self.model.embed_tokens.weight
-        return nn.ModuleList(
-            KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
-            for _ in range(c.num_hidden_layers)
-        )
+        shape = (batch, c.num_key_value_heads, length, c.head_dim)  # (B, K, S, H)
+        zeros = lambda: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
+        return nn.ModuleList(KVCache(zeros(), zeros()) for _ in range(c.num_hidden_layers))
 
 
 def sample(logits, temperature, top_k, top_p):
@@ -285,55 +331,77 @@ def sample(logits, temperature, top_k, top_p):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]  # (B,)
 
 
-def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
-    """Refuse, with a message, what would otherwise fail deep inside torch."""
+def check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens=()):
+    """(prompts as lists of ints, whether `tokens` is one prompt): a prompt is a list of
+    ints (numpy ints too) or a 1-D integer tensor or array, a batch a list of them or
+    2-D. Refuses, before any work, what would otherwise fail deep inside torch."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name, value, ok, want in [
+        ("max_new_tokens", max_new_tokens, type(max_new_tokens) is int and max_new_tokens >= 0, "an integer >= 0"),
+        ("temperature", temperature, number(temperature) and 0 <= temperature < math.inf, "a finite number >= 0"),
+        ("top_k", top_k, top_k is None or type(top_k) is int and top_k >= 1, "None or an integer >= 1"),
+        ("top_p", top_p, top_p is None or number(top_p) and 0 < top_p <= 1, "None or a number in (0, 1]"),
+        ("stop_tokens", stop_tokens, isinstance(stop_tokens, (list, tuple, set)) and all(type(t) is int for t in stop_tokens), "a list or set of ints"),
+    ]:
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value!r:.80}")
+    plain = lambda x: x.tolist() if hasattr(x, "tolist") else x  # noqa: E731  tensors, arrays, numpy ints
+    tokens = plain(tokens)
+    single = not isinstance(tokens, (list, tuple)) or not tokens or not isinstance(plain(tokens[0]), (list, tuple))
+    prompts = [tokens] if single else [plain(p) for p in tokens]
     V, max_len = model.config.vocab_size, model.config.max_position_embeddings
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        prompts[i] = p = [plain(t) for t in p] if isinstance(p, (list, tuple)) else p
+        if not isinstance(p, list) or not all(type(t) is int for t in p):
+            raise ValueError(f"a prompt is a list of token ids, not {p!r:.80}: tokenize text first (Tokenizer.encode)")
         if len(p) == 0:
             raise ValueError("empty prompt: a Gemma prompt starts with at least the <bos> token")
         bad = [t for t in p if not 0 <= t < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
         if len(p) + max_new_tokens > max_len:
-            raise ValueError(
-                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
-                f"the model's {max_len} positions"
-            )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than the model's {max_len} positions")
+    return prompts, single
+
+
+# Prompt tokens per forward while prefilling (see stream): large enough that each
+# chunk's matmuls run at full speed, small enough that its attention scores
+# (B, N, chunk, S) in float32 stay a few hundred MB at S = 8192.
+PREFILL_CHUNK = 512
 
 
 @torch.no_grad()
-def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False):
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False, prefill_chunk=PREFILL_CHUNK):
     """Yield one new token per prompt (B,) at each step; prompts is a list of lists.
 
     Prompts of different lengths are left-padded into one batch: every row then
     writes its n-th new token into the same cache slot, and the padding is
     masked out and shifts that row's RoPE positions (see attention_mask).
-    compile=True runs the same forward through torch.compile (see compile_steps).
     """
-    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    prompts, _ = check_generate_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
     device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
-    prefill, decode = compile_steps(model) if compile else (model, model)
+    prefill, decode = compile_steps(model) if compile else (model.model, model)
     length = T + max_new_tokens
     if compile:
-        # Compiled code is specialised to the cache size: rounding it up lets
-        # generations of similar lengths share one compiled graph. Slots past
-        # the current one are masked, so the extra ones change nothing.
+        # Compiled code is specialised to the cache size: rounded up, it serves
+        # generations of similar lengths. Slots past the current one are masked.
         length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
     cache = model.make_cache(B, length)
 
-    logits = prefill(tokens, torch.arange(T, device=device), cache, pad)  # (B, T, V)
-    token = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
+    # The prompt goes through the body in chunks that fill the cache, so the scores
+    # are (B, N, chunk, S'), never (B, N, T, T), and only the last position needs
+    # logits. The queries of a chunk see no slot past its end, so it gets the cache
+    # up to there, S' slots; whole chunks, so that compiled code sees few shapes.
+    for a in range(0, T, prefill_chunk):
+        b = min(a + prefill_chunk, T)
+        seen = nn.ModuleList(c.prefix(a + prefill_chunk) for c in cache)  # (B, K, S', H) each
+        x = prefill(tokens[:, a:b], torch.arange(a, b, device=device), seen, pad)  # (B, b - a, D)
+    token = sample(model.logits(x[:, -1]), temperature, top_k, top_p)  # (B,)
     yield token
     for slot in range(T, T + max_new_tokens - 1):
         slots = torch.tensor([slot], device=device)
@@ -343,18 +411,14 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
 
 
 def compile_steps(model):
-    """The prompt's forward (prefill) and the one-token forward (decode) through torch.compile.
+    """The body over a prompt chunk (prefill) and the one-token forward (decode), compiled.
 
-    The model code stays as it is: torch.compile traces it and fuses its small
-    operations into a few kernels. Decode always has the same shapes (B tokens,
-    a cache of fixed size), so it compiles with static shapes and, on CUDA, into
-    a CUDA graph (mode="reduce-overhead") that launches all its kernels at once:
-    for one token, launching kernels one by one takes longer than running them.
-    Prompt lengths vary, so prefill compiles with dynamic shapes. What is
-    compiled is kept with the model's code, so later calls find it again.
+    torch.compile traces the same code and fuses its small operations. Decode has
+    fixed shapes, so it compiles statically and, on CUDA, into a CUDA graph that
+    launches all its kernels at once; prefill lengths vary, so it is dynamic.
     """
     cuda = model.model.embed_tokens.weight.is_cuda
-    prefill = torch.compile(model, dynamic=True)
+    prefill = torch.compile(model.model, dynamic=True)
     decode = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda else None)
     return prefill, decode
 
@@ -362,11 +426,11 @@ def compile_steps(model):
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_tokens=(), compile=False):
     """New tokens for one prompt (list of ints) or a batch (list of lists).
 
-    A prompt stops after max_new_tokens or after one of its stop tokens, which is
-    kept. compile=True runs the forward through torch.compile (see compile_steps).
+    Temperature 0 is greedy (argmax). A prompt stops after max_new_tokens or after
+    one of its stop tokens, which is kept: the instruction-tuned models end a turn
+    with <end_of_turn>, so pass its id with <eos>. compile=True: see compile_steps.
     """
-    single = len(tokens) == 0 or isinstance(tokens[0], int)  # [] is an empty prompt
-    prompts = [list(tokens)] if single else [list(p) for p in tokens]
+    prompts, single = check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):
         for row, t in enumerate(step.tolist()):
@@ -390,15 +454,11 @@ class GemmaForSequenceClassification(nn.Module):
 
     def forward(self, tokens):
         logits = self.score(self.model(tokens))  # (B, T, num_labels)
-        # Pool at the rightmost token that is not padding (the last token when the
-        # config has no pad id), as transformers does.
-        T = tokens.shape[1]
-        if self.config.pad_token_id is None:
-            last = torch.full(tokens.shape[:1], T - 1, device=tokens.device)
-        else:
-            idx = torch.arange(T, device=tokens.device)  # (T,)
-            last = (idx * (tokens != self.config.pad_token_id)).argmax(dim=-1)  # (B,)
-        return logits[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, num_labels)
+        # Pool at the rightmost token that is not padding (with no pad id, the last
+        # token), as transformers does.
+        text = tokens != self.config.pad_token_id  # (B, T); all True if the id is None
+        last = (torch.arange(tokens.shape[1], device=tokens.device) * text).argmax(dim=-1)  # (B,)
+        return logits[torch.arange(len(tokens), device=tokens.device), last]  # (B, num_labels)
 
 
 class GemmaForTokenClassification(nn.Module):

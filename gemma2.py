@@ -1,24 +1,23 @@
 """Gemma 2 in one file: config, model, KV cache and generation.
 
-Gemma 2: Improving Open Language Models at a Practical Size, arXiv 2408.00118;
-it builds on Gemma, arXiv 2403.08295. Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
+Gemma 2: Improving Open Language Models at a Practical Size, arXiv 2408.00118, after
+Gemma: Open Models Based on Gemini Research and Technology, arXiv 2403.08295.
+Building blocks: RoPE (RoFormer, arXiv 2104.09864), multi-query and grouped-query
 attention (arXiv 1911.02150, 2305.13245), GeGLU (arXiv 2002.05202), RMSNorm
 (arXiv 1910.07467). Parameter names equal the Hugging Face state-dict names,
 so a `transformers` checkpoint loads without renaming (see weights.py).
 
-What differs from Gemma 1 (`diff gemma.py gemma2.py` shows exactly this):
-  - local and global attention alternate: even layers see only the last
-    `sliding_window` (4096) positions, odd layers see everything (sec. 2);
-  - attention logits are soft-capped, cap * tanh(logits / cap) with cap 50,
-    and so are the final logits, with cap 30 (sec. 2);
-  - queries are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
-    (the two differ for the 27B model: 144 against 128);
-  - "sandwich" norms: each block normalises both the input and the output of
-    attention and of the MLP, four RMSNorms instead of two (sec. 2);
-  - grouped-query attention in every size (num_key_value_heads = N / 2).
-What stays as in Gemma 1: the sqrt(hidden_size) embedding scale, the tied LM
-head, RMSNorm with (1 + weight), GeGLU with the tanh GELU, RoPE, head_dim as
-its own setting, the 256000-token vocabulary.
+What differs from Gemma 1 (`diff gemma.py gemma2.py` shows exactly this; sec. 2):
+  - local and global attention alternate, layer 0 local: a local layer sees
+    only the last `sliding_window` (4096) positions, cheaper on long contexts;
+  - attention logits soft-capped, cap * tanh(logits / cap), cap 50, and the
+    final logits at 30, to stabilise training;
+  - queries scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5
+    (144 against 128 in the 27B; from the released configs, not the paper);
+  - "sandwich" norms: the outputs of attention and MLP are normalised too;
+  - grouped-query attention in every size, two query heads per key/value head.
+The rest is Gemma 1's: sqrt(hidden_size) embedding scale, tied LM head, RMSNorm
+with (1 + weight), GeGLU, rotate-half RoPE, head_dim apart from hidden_size.
 
 Shape legend: B batch, T query length, S key length (cache size), D hidden,
 N query heads, K key/value heads, H head_dim, F ffn, V vocab, L layers.
@@ -36,10 +35,10 @@ import torch.nn.functional as F
 class Gemma2Config:
     vocab_size: int = 256000  # V; SentencePiece pieces
     hidden_size: int = 2304  # D; the width of the residual stream
-    intermediate_size: int = 9216  # F; the width of the MLP
+    intermediate_size: int = 9216  # F; each of gate and up (Table 1 lists 2F)
     num_hidden_layers: int = 26  # L
     num_attention_heads: int = 8  # N
-    num_key_value_heads: int = 4  # K; N / K query heads share a key/value head
+    num_key_value_heads: int = 4  # K; 1: multi-query, N: multi-head, else grouped-query
     head_dim: int = 256  # H; not hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -51,15 +50,37 @@ class Gemma2Config:
     sliding_window: int = 4096  # how far back a local layer sees
     attn_logit_softcapping: float | None = 50.0  # None: no cap
     final_logit_softcapping: float | None = 30.0  # None: no cap
-    # "sliding_attention" or "full_attention" for each layer; None: local on the
-    # even layers and global on the odd ones, as in the released models.
+    # "sliding_attention" or "full_attention" for each layer; None: layer 0 local,
+    # layer 1 global, and so on, as in the released models (the paper says only
+    # that they alternate).
     layer_types: list | None = None
 
     def __post_init__(self):
+        # Refuse, naming the field, a value the model cannot run with: a typo in a
+        # config.json would otherwise fail deep inside torch, or give NaN logits.
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.endswith("token_id"):  # None, an id, or a list of ids
+                ids = [] if v is None else v if type(v) is list else [v]
+                ok, want = all(type(i) is int and 0 <= i < self.vocab_size for i in ids), "None or ids < vocab_size"
+            elif f.type is int:  # a count or a width (no layers: embedding and head only)
+                least = 0 if f.name == "num_hidden_layers" else 1
+                ok, want = type(v) is int and v >= least, f"an integer >= {least}"
+            elif f.type in (float, float | None):  # eps, theta, a scale; a cap may be None
+                ok = (v is None and f.type is not float) or (type(v) in (int, float) and 0 < v < math.inf)
+                want = "a finite number > 0"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"config field {f.name} = {v!r:.80}: must be {want}")
+        N, K, H = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        if N % K or H % 2:  # each key/value head serves N / K query heads; RoPE rotates pairs
+            raise ValueError(f"config fields num_attention_heads = {N}, num_key_value_heads = {K}, head_dim = {H}: K must divide N, and H be even")
         if self.layer_types is None:
             self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)]
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"{len(self.layer_types)} layer_types for {self.num_hidden_layers} layers")
+        kinds = ("sliding_attention", "full_attention")
+        if type(self.layer_types) is not list or len(self.layer_types) != self.num_hidden_layers or not all(t in kinds for t in self.layer_types):
+            raise ValueError(f"config field layer_types = {self.layer_types!r:.80}: must be a list of {self.num_hidden_layers} of {kinds}")
 
     @classmethod
     def from_hf(cls, d):
@@ -67,12 +88,13 @@ class Gemma2Config:
         d = dict(d)
         # transformers 5 nests rope_theta in rope_parameters; the Hub files of the
         # official models keep it at the top level.
-        if "rope_parameters" in d and d["rope_parameters"]:
-            rope = d["rope_parameters"]
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"unsupported rope_type {rope['rope_type']!r}")
+        rope = d.get("rope_parameters") or {}
+        if type(rope) is not dict or rope.get("rope_type", "default") != "default":
+            raise ValueError(f"config field rope_parameters = {rope!r:.80}: only the default RoPE is implemented")
+        if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
-        # The tanh GELU, whichever of the two keys names it (HF PR #29402).
+        # The Hub files say "hidden_act": "gelu", which transformers reads as the
+        # tanh approximation, the activation Gemma was trained with (HF PR #29402).
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported activation {act!r}: Gemma uses the tanh GELU")
@@ -80,31 +102,26 @@ class Gemma2Config:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# Hugging Face config.json values of the official checkpoints (GEMMA_FACTS.md).
+# The config.json files of the official checkpoints on the Hugging Face Hub
+# (google/gemma-2b, ...); the papers' Table 1 gives the same architecture.
 CONFIGS = {
     "gemma-2-2b": Gemma2Config(),
-    "gemma-2-9b": Gemma2Config(
-        hidden_size=3584,
-        intermediate_size=14336,
-        num_hidden_layers=42,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-    ),
-    "gemma-2-27b": Gemma2Config(
-        hidden_size=4608,
-        intermediate_size=36864,
-        num_hidden_layers=46,
-        num_attention_heads=32,
-        num_key_value_heads=16,
-        head_dim=128,
-        # hidden_size / num_attention_heads = 144, not head_dim = 128 (llama.cpp
-        # PR #8444; the official gemma_pytorch config and the Hub config.json).
-        query_pre_attn_scalar=144,
-    ),
+    "gemma-2-9b": Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8),
+    # query_pre_attn_scalar = hidden_size / num_attention_heads = 144, not head_dim = 128:
+    # a value of the released configs only, which the paper does not discuss
+    # (llama.cpp PR #8444; gemma_pytorch's config and the Hub config.json agree).
+    "gemma-2-27b": Gemma2Config(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16,
+                                head_dim=128, query_pre_attn_scalar=144),
 }
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w) (arXiv 1910.07467), with the gain stored as 1 + w.
+
+    The (1 + w) is the released code's, not the papers': w = 0 is the identity, so
+    a zero-initialised gain starts neutral (and decays towards 1, not towards 0).
+    """
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -120,9 +137,13 @@ class RMSNorm(nn.Module):
 
 
 def rope(x, cos, sin):
-    """Rotate each (i, i + H/2) pair of x by its angle ("rotate half", HF layout).
+    """Rotate each channel pair (i, i + H/2) of x by its angle, in float32 (RoPE).
 
-    x (B, N, T, H); cos, sin (B, 1, T, H/2). Computed in float32 (RoFormer eq. 34).
+    RoFormer (arXiv 2104.09864, eq. 34) rotates adjacent pairs (2i, 2i + 1); this
+    "rotate half" layout pairs channel i with i + H/2. It is the same rotation
+    with the channels permuted, and Gemma was trained in this layout (HF and the
+    official gemma_pytorch alike), so q/k weights load with no permutation.
+    x (B, N, T, H); cos, sin (B, 1, T, H/2).
     """
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, N, T, H/2) each
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # (B, N, T, H)
@@ -130,8 +151,12 @@ def rope(x, cos, sin):
 
 
 def rope_angles(positions, head_dim, theta):
-    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32."""
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device) / head_dim)
+    """cos and sin of position * theta^(-2i/H) for i < H/2, in float32.
+
+    Written 1 / theta^(2i/H), as transformers computes it: theta^(-2i/H) differs
+    in the last bit, and at position 8191 that bit moves the logits by 1e-5.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (H/2,)
     angles = positions[:, None, :, None].float() * inv_freq  # (B, 1, T, H/2)
     return angles.cos(), angles.sin()
 
@@ -144,10 +169,19 @@ def softcap(x, cap):
 def attention_mask(query_slots, key_len, pad, window=None):
     """Which keys each query may see: (B, 1, T, S) booleans, True = visible.
 
-    Query t sits in cache slot query_slots[t]; it sees slots j <= its own, except
-    the left padding of its row (slots j < pad[b]). With a window W it sees only
-    the last W slots, i - W < j <= i (HF #31781 is this bound off by one).
-    Global (left) and sliding with W = 3 (right), "x" = visible:
+    Query t sits in cache slot i = query_slots[t]; it sees the slots j <= i, except
+    the left padding of its row (slots j < pad[b]). For a prompt "a b c" after two
+    pads (pad = 2), "x" = visible:
+
+        slot   0 1 2 3 4
+        pad    . . . . .
+        pad    . . . . .
+        a      . . x . .
+        b      . . x x .
+        c      . . x x x
+
+    With a window W (local layers), it sees only the last W slots, i - W < j <= i
+    (HF #31781 is this bound off by one). Global and local with W = 3, no padding:
 
         key    0 1 2 3 4 5          key    0 1 2 3 4 5
         q 0    x . . . . .          q 0    x . . . . .
@@ -156,8 +190,6 @@ def attention_mask(query_slots, key_len, pad, window=None):
         q 3    x x x x . .          q 3    . x x x . .
         q 4    x x x x x .          q 4    . . x x x .
         q 5    x x x x x x          q 5    . . . x x x
-
-    Left padding hides the first pad[b] columns of row b in both.
     """
     i = query_slots[:, None]  # (T, 1)
     j = torch.arange(key_len, device=query_slots.device)[None, :]  # (1, S)
@@ -172,26 +204,28 @@ class KVCache(nn.Module):
     """Keys and values of one layer for every slot of the sequence, preallocated.
 
     Sized once to prompt + new tokens, written in place: no reallocation while
-    decoding, and fixed shapes, which torch.compile and CUDA graphs need.
-
-    Local layers keep the full length too and hide old keys with the window mask.
-    A ring buffer of `sliding_window` slots would use less memory once the
-    sequence is longer than the window (at 8192 tokens and a 4096 window, the
-    cache would shrink to 3/4), but it needs its own slot arithmetic and a mask
-    per layer type; the full cache is exact by construction and the same code as
-    Gemma 1's.
+    decoding, and fixed shapes, which torch.compile and CUDA graphs need. Its
+    size, all layers: 2 (keys, values) x L x B x K x S x H x bytes per value;
+    gemma-2-2b in bf16: 2 x 26 x 4 x 256 x 2 bytes = 104 KiB per token, 832 MiB
+    for 8192 tokens. The compiled path rounds S up to 256 slots (see stream).
+    Local layers keep every slot too and hide old ones with the window mask: a
+    ring buffer of `sliding_window` slots would save 1/4 of this at 8192 tokens,
+    for slot arithmetic of its own (gemma3.py has one, where it saves 5/6).
     """
 
-    def __init__(self, batch, kv_heads, length, head_dim, dtype, device):
+    def __init__(self, k, v):
         super().__init__()
-        shape = (batch, kv_heads, length, head_dim)  # (B, K, S, H)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)  # (B, K, S, H)
+        self.register_buffer("v", v, persistent=False)  # (B, K, S, H)
 
     def update(self, slots, k, v):
         self.k[:, :, slots] = k  # k, v (B, K, T, H) into slots (T,)
         self.v[:, :, slots] = v
         return self.k, self.v  # (B, K, S, H)
+
+    def prefix(self, length):
+        """The first `length` slots, sharing this cache's memory (see stream)."""
+        return KVCache(self.k[:, :, :length], self.v[:, :, :length])
 
 
 class Gemma2Attention(nn.Module):
@@ -215,21 +249,22 @@ class Gemma2Attention(nn.Module):
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(slots, k, v)  # (B, K, S, H)
-        # Multi-query / grouped-query attention: each key/value head serves N // K
-        # query heads (arXiv 2305.13245).
-        k = k.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
-        v = v.repeat_interleave(N // K, dim=1)  # (B, N, S, H)
-
-        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, N, T, S)
-        # Soft-cap before the mask; this is why Gemma 2 cannot use
-        # F.scaled_dot_product_attention (HF PR #32865).
+        # Multi-query / grouped-query attention (arXiv 1911.02150, 2305.13245): query
+        # heads k*G ... k*G + G-1 share key/value head k. Stacked along T, those G
+        # heads take one matmul that reads head k's keys in place, never copied.
+        G = N // K
+        q = q.reshape(B, K, G * T, H)  # (B, K, G*T, H)
+        scores = (q @ k.transpose(2, 3)).float() * self.scale  # (B, K, G*T, S)
+        scores = scores.view(B, K, G, T, -1)  # (B, K, G, T, S)
+        # Soft-cap before the mask, or masked scores would rise to -cap and get weight;
+        # the cap is why Gemma 2 cannot use F.scaled_dot_product_attention (HF PR #32865).
         scores = softcap(scores, self.softcap)
         # The most negative float rather than -inf: a query that sees nothing (a
         # left-padding slot) then averages instead of producing NaN.
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)  # mask (B, 1, 1, T, S)
         # Softmax in float32, then back to the activation dtype, as in HF eager.
-        probs = scores.softmax(dim=-1).to(q.dtype)  # (B, N, T, S)
-        out = (probs @ v).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
+        probs = scores.softmax(dim=-1).to(q.dtype).view(B, K, G * T, -1)  # (B, K, G*T, S)
+        out = (probs @ v).view(B, N, T, H).transpose(1, 2).reshape(B, T, N * H)  # (B, T, N*H)
         return self.o_proj(out)  # (B, T, D)
 
 
@@ -242,7 +277,8 @@ class Gemma2MLP(nn.Module):
         self.down_proj = nn.Linear(F_, D, bias=False)
 
     def forward(self, x):
-        # GeGLU (arXiv 2002.05202) with the tanh approximation of GELU.
+        # GeGLU (arXiv 2002.05202; Gemma sec. 2) with the tanh approximation of GELU,
+        # the one the checkpoints were trained with (HF PR #29402).
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
@@ -258,8 +294,8 @@ class Gemma2DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(D, eps)
 
     def forward(self, x, cos, sin, mask, slots, cache=None):
-        # "Sandwich" norms: each sub-block's output is normalised before it joins
-        # the residual stream (Gemma 2 paper sec. 2).
+        # "Sandwich" norms: each sub-block's output is normalised too before it joins
+        # the residual stream (Gemma 2 sec. 2, to stabilise training).
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, slots, cache))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x
@@ -296,11 +332,13 @@ class Gemma2Model(nn.Module):
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
 
         x = self.embed_tokens(tokens)  # (B, T, D)
-        # Scale by sqrt(D), the scalar cast to the activation dtype first: in bf16
-        # sqrt(3072) = 55.4256 becomes 55.5, and that is the reference (HF PR #29402).
+        # Scale by sqrt(D) (the released code's, not the papers'): the rows of the
+        # embedding, which is also the LM head, are small, and the scale lifts them to
+        # the residual stream's size. The scalar is cast to the activation dtype
+        # first, as in the reference: in bf16 it keeps 8 bits (HF PR #29402).
         x = x * torch.tensor(math.sqrt(self.config.hidden_size), dtype=x.dtype)
         for i, layer in enumerate(self.layers):
-            mask = masks[self.config.layer_types[i]]
+            mask = masks[self.config.layer_types[i]]  # layer 0 local, layer 1 global, ...
             x = layer(x, cos, sin, mask, slots, cache[i] if cache is not None else None)
         return self.norm(x)  # (B, T, D)
 
@@ -312,18 +350,20 @@ class Gemma2ForCausalLM(nn.Module):
         self.model = Gemma2Model(config)
 
     def forward(self, tokens, slots=None, cache=None, pad=None):
-        x = self.model(tokens, slots, cache, pad)  # (B, T, D)
-        # The LM head is the embedding matrix (tied weights, Gemma paper sec. 2).
-        logits = F.linear(x, self.model.embed_tokens.weight).float()  # (B, T, V)
-        return softcap(logits, self.config.final_logit_softcapping)
+        return self.logits(self.model(tokens, slots, cache, pad))  # (B, T, V)
+
+    def logits(self, x):
+        # The LM head is the embedding matrix (tied, Gemma sec. 2): a separate head
+        # would add vocab x hidden parameters, 0.5B of gemma-2b's 2.5B.
+        logits = F.linear(x, self.model.embed_tokens.weight).float()  # (..., V)
+        return softcap(logits, self.config.final_logit_softcapping)  # at 30 (sec. 2)
 
     def make_cache(self, batch, length):
         """One preallocated KVCache per layer, in the dtype and device of the model."""
         c, w = self.config, self.model.embed_tokens.weight
-        return nn.ModuleList(
-            KVCache(batch, c.num_key_value_heads, length, c.head_dim, w.dtype, w.device)
-            for _ in range(c.num_hidden_layers)
-        )
+        shape = (batch, c.num_key_value_heads, length, c.head_dim)  # (B, K, S, H)
+        zeros = lambda: torch.zeros(shape, dtype=w.dtype, device=w.device)  # noqa: E731
+        return nn.ModuleList(KVCache(zeros(), zeros()) for _ in range(c.num_hidden_layers))
 
 
 def sample(logits, temperature, top_k, top_p):
@@ -345,55 +385,77 @@ def sample(logits, temperature, top_k, top_p):
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]  # (B,)
 
 
-def check_generate_args(model, prompts, max_new_tokens, temperature, top_p):
-    """Refuse, with a message, what would otherwise fail deep inside torch."""
+def check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens=()):
+    """(prompts as lists of ints, whether `tokens` is one prompt): a prompt is a list of
+    ints (numpy ints too) or a 1-D integer tensor or array, a batch a list of them or
+    2-D. Refuses, before any work, what would otherwise fail deep inside torch."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name, value, ok, want in [
+        ("max_new_tokens", max_new_tokens, type(max_new_tokens) is int and max_new_tokens >= 0, "an integer >= 0"),
+        ("temperature", temperature, number(temperature) and 0 <= temperature < math.inf, "a finite number >= 0"),
+        ("top_k", top_k, top_k is None or type(top_k) is int and top_k >= 1, "None or an integer >= 1"),
+        ("top_p", top_p, top_p is None or number(top_p) and 0 < top_p <= 1, "None or a number in (0, 1]"),
+        ("stop_tokens", stop_tokens, isinstance(stop_tokens, (list, tuple, set)) and all(type(t) is int for t in stop_tokens), "a list or set of ints"),
+    ]:
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value!r:.80}")
+    plain = lambda x: x.tolist() if hasattr(x, "tolist") else x  # noqa: E731  tensors, arrays, numpy ints
+    tokens = plain(tokens)
+    single = not isinstance(tokens, (list, tuple)) or not tokens or not isinstance(plain(tokens[0]), (list, tuple))
+    prompts = [tokens] if single else [plain(p) for p in tokens]
     V, max_len = model.config.vocab_size, model.config.max_position_embeddings
-    for p in prompts:
+    for i, p in enumerate(prompts):
+        prompts[i] = p = [plain(t) for t in p] if isinstance(p, (list, tuple)) else p
+        if not isinstance(p, list) or not all(type(t) is int for t in p):
+            raise ValueError(f"a prompt is a list of token ids, not {p!r:.80}: tokenize text first (Tokenizer.encode)")
         if len(p) == 0:
             raise ValueError("empty prompt: a Gemma prompt starts with at least the <bos> token")
         bad = [t for t in p if not 0 <= t < V]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {V})")
         if len(p) + max_new_tokens > max_len:
-            raise ValueError(
-                f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than "
-                f"the model's {max_len} positions"
-            )
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+            raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens is longer than the model's {max_len} positions")
+    return prompts, single
+
+
+# Prompt tokens per forward while prefilling (see stream): large enough that each
+# chunk's matmuls run at full speed, small enough that its attention scores
+# (B, N, chunk, S) in float32 stay a few hundred MB at S = 8192.
+PREFILL_CHUNK = 512
 
 
 @torch.no_grad()
-def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False):
+def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, compile=False, prefill_chunk=PREFILL_CHUNK):
     """Yield one new token per prompt (B,) at each step; prompts is a list of lists.
 
     Prompts of different lengths are left-padded into one batch: every row then
     writes its n-th new token into the same cache slot, and the padding is
     masked out and shifts that row's RoPE positions (see attention_mask).
-    compile=True runs the same forward through torch.compile (see compile_steps).
     """
-    check_generate_args(model, prompts, max_new_tokens, temperature, top_p)
+    prompts, _ = check_generate_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return
     device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,)
     tokens = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
-    prefill, decode = compile_steps(model) if compile else (model, model)
+    prefill, decode = compile_steps(model) if compile else (model.model, model)
     length = T + max_new_tokens
     if compile:
-        # Compiled code is specialised to the cache size: rounding it up lets
-        # generations of similar lengths share one compiled graph. Slots past
-        # the current one are masked, so the extra ones change nothing.
+        # Compiled code is specialised to the cache size: rounded up, it serves
+        # generations of similar lengths. Slots past the current one are masked.
         length = min(-(-length // 256) * 256, model.config.max_position_embeddings)
     cache = model.make_cache(B, length)
 
-    logits = prefill(tokens, torch.arange(T, device=device), cache, pad)  # (B, T, V)
-    token = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
+    # The prompt goes through the body in chunks that fill the cache, so the scores
+    # are (B, N, chunk, S'), never (B, N, T, T), and only the last position needs
+    # logits. The queries of a chunk see no slot past its end, so it gets the cache
+    # up to there, S' slots; whole chunks, so that compiled code sees few shapes.
+    for a in range(0, T, prefill_chunk):
+        b = min(a + prefill_chunk, T)
+        seen = nn.ModuleList(c.prefix(a + prefill_chunk) for c in cache)  # (B, K, S', H) each
+        x = prefill(tokens[:, a:b], torch.arange(a, b, device=device), seen, pad)  # (B, b - a, D)
+    token = sample(model.logits(x[:, -1]), temperature, top_k, top_p)  # (B,)
     yield token
     for slot in range(T, T + max_new_tokens - 1):
         slots = torch.tensor([slot], device=device)
@@ -403,18 +465,14 @@ def stream(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=No
 
 
 def compile_steps(model):
-    """The prompt's forward (prefill) and the one-token forward (decode) through torch.compile.
+    """The body over a prompt chunk (prefill) and the one-token forward (decode), compiled.
 
-    The model code stays as it is: torch.compile traces it and fuses its small
-    operations into a few kernels. Decode always has the same shapes (B tokens,
-    a cache of fixed size), so it compiles with static shapes and, on CUDA, into
-    a CUDA graph (mode="reduce-overhead") that launches all its kernels at once:
-    for one token, launching kernels one by one takes longer than running them.
-    Prompt lengths vary, so prefill compiles with dynamic shapes. What is
-    compiled is kept with the model's code, so later calls find it again.
+    torch.compile traces the same code and fuses its small operations. Decode has
+    fixed shapes, so it compiles statically and, on CUDA, into a CUDA graph that
+    launches all its kernels at once; prefill lengths vary, so it is dynamic.
     """
     cuda = model.model.embed_tokens.weight.is_cuda
-    prefill = torch.compile(model, dynamic=True)
+    prefill = torch.compile(model.model, dynamic=True)
     decode = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda else None)
     return prefill, decode
 
@@ -422,11 +480,11 @@ def compile_steps(model):
 def generate(model, tokens, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_tokens=(), compile=False):
     """New tokens for one prompt (list of ints) or a batch (list of lists).
 
-    A prompt stops after max_new_tokens or after one of its stop tokens, which is
-    kept. compile=True runs the forward through torch.compile (see compile_steps).
+    Temperature 0 is greedy (argmax). A prompt stops after max_new_tokens or after
+    one of its stop tokens, which is kept: the instruction-tuned models end a turn
+    with <end_of_turn>, so pass its id with <eos>. compile=True: see compile_steps.
     """
-    single = len(tokens) == 0 or isinstance(tokens[0], int)  # [] is an empty prompt
-    prompts = [list(tokens)] if single else [list(p) for p in tokens]
+    prompts, single = check_generate_args(model, tokens, max_new_tokens, temperature, top_k, top_p, stop_tokens)
     out, done = [[] for _ in prompts], [False] * len(prompts)
     for step in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, compile):
         for row, t in enumerate(step.tolist()):
@@ -451,15 +509,11 @@ class Gemma2ForSequenceClassification(nn.Module):
 
     def forward(self, tokens):
         logits = self.score(self.model(tokens))  # (B, T, num_labels)
-        # Pool at the rightmost token that is not padding (the last token when the
-        # config has no pad id), as transformers does.
-        T = tokens.shape[1]
-        if self.config.pad_token_id is None:
-            last = torch.full(tokens.shape[:1], T - 1, device=tokens.device)
-        else:
-            idx = torch.arange(T, device=tokens.device)  # (T,)
-            last = (idx * (tokens != self.config.pad_token_id)).argmax(dim=-1)  # (B,)
-        return logits[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, num_labels)
+        # Pool at the rightmost token that is not padding (with no pad id, the last
+        # token), as transformers does.
+        text = tokens != self.config.pad_token_id  # (B, T); all True if the id is None
+        last = (torch.arange(tokens.shape[1], device=tokens.device) * text).argmax(dim=-1)  # (B,)
+        return logits[torch.arange(len(tokens), device=tokens.device), last]  # (B, num_labels)
 
 
 class Gemma2ForTokenClassification(nn.Module):

@@ -20,6 +20,7 @@ import gemma3
 import weights
 
 DEMO = Path(__file__).resolve().parent / "checkpoints" / "gemma2-demo"
+SMALL_MODEL = 100_000_000  # parameters; below this, one CPU thread by default (--threads)
 
 
 def main(argv=None):
@@ -35,8 +36,11 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, else float32)")
     parser.add_argument("--compile", action="store_true", help="run prefill and decode through torch.compile (slow to start, faster per token)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 for a model under 100M parameters, else one per core)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
 
     torch.manual_seed(args.seed)
     try:
@@ -44,6 +48,11 @@ def main(argv=None):
         tokenizer = weights.load_tokenizer(args.checkpoint)
     except (weights.CheckpointError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: {e}")
+    # A small model's operations take microseconds: a second thread adds only
+    # synchronisation, and when another process holds a core, each operation waits
+    # for it (demo decode fell from ~470 to 2-20 tokens/s; see the README).
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+    torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
     families = {gemma.GemmaForCausalLM: gemma, gemma2.Gemma2ForCausalLM: gemma2, gemma3.Gemma3ForCausalLM: gemma3}
     if type(model) not in families:
         sys.exit(f"error: {args.checkpoint} holds a {type(model).__name__}, which does not generate text")

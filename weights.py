@@ -1,23 +1,34 @@
-"""Read Gemma and Gemma 2 checkpoints, strictly, and write the Hugging Face layout.
+"""Read Gemma, Gemma 2 and Gemma 3 (text) checkpoints, strictly, and write the Hugging Face layout.
 
 Two formats are read:
   - a Hugging Face directory: config.json plus model.safetensors, or shards
-    model-0000i-of-0000n.safetensors listed in model.safetensors.index.json;
+    model-0000i-of-0000n.safetensors listed in model.safetensors.index.json
+    (of a multimodal Gemma 3, its text tower: see gemma3_text_tower);
   - the official PyTorch release (gemma_pytorch): one .ckpt holding
     {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
 
-The model is built on the meta device (no memory), every tensor is checked
-against it (present, expected, right shape), and only then are the tensors
-read one at a time and assigned. Both formats are memory-mapped (safetensors
-here, the .ckpt by torch.load(mmap=True)): a tensor already in the wanted dtype
-on the CPU is used in place (no copy at all), any other is converted in chunks
-whose file pages are released as they are done, so peak memory stays near the
-size of the loaded model (benchmarks/load_memory.py).
+Checked before any tensor is read, in this order, each failure a CheckpointError
+naming the file (and the tensor or the config field):
+  - the files: read_safetensors (by the `safetensors` library, the format's
+    reference implementation, plus: no name given twice, float dtypes only),
+    read_ckpt (torch.load(weights_only=True), which never runs code from the
+    file), read_hf (index shard names must be plain file names in the directory);
+  - check_sizes: the layer count and widths the tensors imply against
+    config.json, so that no config can make the loader allocate or spin;
+  - build: the config, by its class (every field's type and range), then the
+    model, on the meta device (no memory);
+  - check_tensors: every tensor's name and shape against that model.
+Then materialize reads the tensors, one at a time. Both formats are memory-mapped:
+a tensor already in the wanted dtype on the CPU is used in place (no copy at
+all), any other is converted in chunks whose file pages are released as they
+are done, so peak memory stays near the size of the loaded model
+(benchmarks/load_memory.py).
 
 Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
 """
 
 import argparse
+import collections
 import ctypes
 import dataclasses
 import json
@@ -25,110 +36,122 @@ import math
 import mmap
 import os
 import pickle
+import re
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 
 import gemma
 import gemma2
 import gemma3
 
-FAMILIES = {"gemma": gemma, "gemma2": gemma2, "gemma3_text": gemma3}  # config.json "model_type" -> module
-CONFIG_CLASSES = {"gemma": gemma.GemmaConfig, "gemma2": gemma2.Gemma2Config, "gemma3_text": gemma3.Gemma3TextConfig}
-CLASS_PREFIXES = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3"}  # + "ForCausalLM", ...
-HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
-# madvise, for the tensors torch.load maps too (Python's mmap.madvise cannot reach them).
-LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
+# config.json "model_type" -> (module, config class, prefix of the model class names)
+FAMILIES = {
+    "gemma": (gemma, gemma.GemmaConfig, "Gemma"),
+    "gemma2": (gemma2, gemma2.Gemma2Config, "Gemma2"),
+    "gemma3_text": (gemma3, gemma3.Gemma3TextConfig, "Gemma3"),  # and the text tower of "gemma3" (gemma3_text_tower)
 }
+HEADS = ("ForCausalLM", "ForSequenceClassification", "ForTokenClassification")
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, **{k: v.itemsize for k, v in FLOAT_DTYPES.items()}}
+# madvise, to release pages of a mapped file (Python's mmap.madvise cannot reach torch's mappings).
+LIBC = ctypes.CDLL(None) if hasattr(mmap, "MADV_DONTNEED") else None
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
-# Reading safetensors
+# A tensor in a checkpoint file, not read yet; read() gives it as a view of the mapped file.
+Stored = collections.namedtuple("Stored", "file shape dtype read")
 
 
-class SafetensorsFile:
-    """A .safetensors file, memory-mapped: 8 bytes of header length (little
-    endian), a JSON header {name: {"dtype", "shape", "data_offsets"}}, the data."""
-
-    def __init__(self, path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            if size < 8:
-                raise CheckpointError(f"{path}: truncated ({size} bytes), not a safetensors file")
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if 8 + header_len > size:
-                raise CheckpointError(f"{path}: truncated: the header says {header_len} bytes, the file has {size}")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: unreadable safetensors header (not a JSON object)")
-        header.pop("__metadata__", None)
-        self.start = 8 + header_len  # where the data begins
-        self.entries = {}
-        for name, info in header.items():
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
-                nbytes = math.prod(shape) * dtype.itemsize if dtype else None
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: tensor {name} has a malformed header entry {info}") from None
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, expected a float type")
-            if self.start + end > size:
-                raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {self.start + end}, the file has {size}")
-            if end - begin != nbytes:
-                raise CheckpointError(f"{path}: tensor {name} spans {end - begin} bytes, but shape {shape} needs {nbytes}")
-            self.entries[name] = (dtype, shape, self.start + begin, self.start + end)
-
-    def tensor(self, name):
-        """The tensor as a view of the mapped file: no copy, no read until used."""
-        dtype, shape, begin, end = self.entries[name]
-        if begin == end:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self.mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin).view(shape)
+# Reading the files
 
 
-
-# Finding the tensors of each format
-
-
-def read_json(path, key=None):
-    """A parsed JSON object (or its `key` entry), or an error naming the file."""
+def read_json(path, text=None):
+    """The JSON of the file `path` (or `text`, read from it), or an error naming it. A
+    name given twice in an object is an error: JSON parsers keep the last silently."""
+    def unique(pairs):
+        if len({name for name, _ in pairs}) < len(pairs):
+            raise ValueError(f"a name given twice in {[name for name, _ in pairs]}"[:200])
+        return dict(pairs)
     try:
-        d = json.loads(path.read_text())
-        return d if key is None else d[key]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid JSON file ({type(e).__name__}: {e})") from None
+        return json.loads(path.read_text() if text is None else text, object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+
+
+def read_safetensors(path):
+    """{name: Stored} of a .safetensors file, memory-mapped by the safetensors library."""
+    try:
+        f = safetensors.safe_open(path, framework="pt")  # checks the header and offsets
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: {blame(path)}refused by the safetensors library: {e}") from None
+    with open(path, "rb") as raw:  # the header it accepted, once more: no name given twice
+        read_json(path, raw.read(int.from_bytes(raw.read(8), "little")))
+    tensors = {}
+    for name in f.keys():
+        info = f.get_slice(name)  # the header entry; reads no data
+        if info.get_dtype() not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get_dtype()}, expected one of {list(FLOAT_DTYPES)}")
+        read = lambda f=f, name=name: f.get_tensor(name)  # noqa: E731  a view of the mapped file: no copy
+        tensors[name] = Stored(path, tuple(info.get_shape()), FLOAT_DTYPES[info.get_dtype()], read)
+    return tensors
+
+
+def blame(path):
+    """"tensor NAME: " for the first tensor to blame in a file the safetensors library
+    refused (its message does not always name one): an entry of the wrong types or
+    with offsets that disagree with its shape, or whose bytes do not start where the
+    previous tensor's end, or end before or after the file; "" if none is to blame."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header, data_size = json.loads(f.read(n)), path.stat().st_size - 8 - n
+        entries = {name: e for name, e in header.items() if name != "__metadata__"}
+    except Exception:  # noqa: BLE001  no header to find names in
+        return ""
+
+    def span(e):  # (begin, end) of a well-formed entry, else None
+        try:
+            (begin, end), shape, itemsize = e["data_offsets"], e["shape"], ITEMSIZE[e["dtype"]]
+            ok = all(type(x) is int and x >= 0 for x in [begin, end, *shape]) and end - begin == math.prod(shape) * itemsize
+            return (begin, end) if ok else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    end = 0
+    for name, s in sorted(((name, span(e)) for name, e in entries.items()), key=lambda item: item[1] or (-1, -1)):
+        if s is None or s[0] != end:
+            return f"tensor {name}: "
+        end = s[1]
+    return f"tensor {name}: " if entries and end != data_size else ""
 
 
 def read_hf(directory):
-    """(config dict, {name: (file, lazy tensor)}) from a Hugging Face directory."""
+    """(config dict, {name: Stored}) of a Hugging Face directory."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json, so not a Hugging Face checkpoint directory")
-    config = read_json(config_path)
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
-        weight_map = read_json(index_path, "weight_map")
+        weight_map = read_json(index_path)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: no weight_map object {{tensor name: shard file}}")
+        for shard_name in weight_map.values():
+            # A plain file name, so that an index cannot point outside the checkpoint.
+            if not isinstance(shard_name, str) or shard_name in ("", ".", "..") or Path(shard_name).name != shard_name:
+                raise CheckpointError(f"{index_path}: shard {shard_name!r} is not a file name in {directory}")
         shard_names = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").is_file():
-        shard_names = ["model.safetensors"]
-        weight_map = None
+        weight_map, shard_names = None, ["model.safetensors"]
     else:
         raise CheckpointError(f"{directory}: no model.safetensors and no model.safetensors.index.json")
     tensors = {}
@@ -136,20 +159,18 @@ def read_hf(directory):
         shard_path = directory / shard_name
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: lists {shard_name}, which is missing")
-        shard = SafetensorsFile(shard_path)
-        for name in shard.entries:
+        for name, stored in read_safetensors(shard_path).items():
             if weight_map is not None and weight_map.get(name) != shard_name:
                 raise CheckpointError(f"{shard_path}: holds {name}, which the index places in {weight_map.get(name)}")
-            tensors[name] = (shard, name)
-    if weight_map is not None:
-        for name, shard_name in weight_map.items():
-            if name not in tensors:
-                raise CheckpointError(f"{directory / shard_name}: tensor {name}, listed in the index, is missing")
-    return config, tensors
+            tensors[name] = stored
+    for name, shard_name in (weight_map or {}).items():
+        if name not in tensors:
+            raise CheckpointError(f"{directory / shard_name}: tensor {name}, listed in the index, is missing")
+    return read_json(config_path), config_path, tensors
 
 
 def read_ckpt(path):
-    """(config dict, {name: (file, tensor)}) from an official gemma_pytorch .ckpt.
+    """(config dict, its file, {name: Stored}) of an official gemma_pytorch .ckpt.
 
     The release holds no config: it is inferred from the tensor shapes and must
     match a preset, unless a config.json lies beside the file.
@@ -163,17 +184,20 @@ def read_ckpt(path):
         raise CheckpointError(f"{path}: refused: its pickle would call code, not only build tensors ({why.strip()})") from None
     except Exception as e:  # torch reports a bad zip, a refused pickle, ... in many types
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or "model_state_dict" not in state:
+    sd = state.get("model_state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: no 'model_state_dict' in it, so not an official Gemma .ckpt")
-    sd = state["model_state_dict"]
     for name, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{path}: model_state_dict[{name!r}] is a {type(t).__name__}, not a tensor")
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: model_state_dict[{name!r}] is a {type(t).__name__}, not a named tensor")
+        if not (t.is_floating_point() or name == "freqs_cis"):  # freqs_cis: complex, and dropped
+            raise CheckpointError(f"{path}: tensor {name} has dtype {t.dtype}, expected a float type")
     if any(name.endswith("weight_scaler") for name in sd):
         raise CheckpointError(f"{path}: an int8-quantized release, which is not supported")
-    config = official_config(path, sd)
+    config, config_file = official_config(path, sd)
     # Official names -> Hugging Face names; qkv_proj rows are q, then k, then v.
-    c = model_config(config, path)[1]
+    check_sizes(config, sd, config_file)
+    c = model_config(config, config_file)[1]
     rows = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
     hf = {}
     for name, t in sd.items():
@@ -189,15 +213,15 @@ def read_ckpt(path):
             hf[prefix + "q_proj.weight"], hf[prefix + "k_proj.weight"], hf[prefix + "v_proj.weight"] = q, k, v
         else:
             hf[name] = t
-    return config, {name: (path, t) for name, t in hf.items()}
+    return config, config_file, {name: Stored(path, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in hf.items()}
 
 
 def official_config(path, sd):
-    """The HF config dict of an official checkpoint: config.json beside it, or the
-    preset whose shapes it has."""
+    """(config dict, its file) of an official checkpoint: config.json beside it, or
+    the preset whose shapes it has."""
     beside = path.parent / "config.json"
     if beside.is_file():
-        return read_json(beside)
+        return read_json(beside), beside
     try:
         family = "gemma2" if any("pre_feedforward_layernorm" in n for n in sd) else "gemma"
         V, D = sd["embedder.weight"].shape
@@ -207,24 +231,22 @@ def official_config(path, sd):
         q_rows = sd["model.layers.0.self_attn.o_proj.weight"].shape[1]
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: not the tensors of an official Gemma checkpoint (missing {e})") from None
-    for name, c in FAMILIES[family].CONFIGS.items():
+    presets = FAMILIES[family][0].CONFIGS
+    for c in presets.values():
         H, N, K = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         if (V, D, L, F_, qkv_rows, q_rows) == (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size, (N + 2 * K) * H, N * H):
-            return {"model_type": family, **dataclasses.asdict(c)}
+            return {"model_type": family, **dataclasses.asdict(c)}, path
     raise CheckpointError(
         f"{path}: shapes (vocab {V}, hidden {D}, {L} layers, ffn {F_}) match no {family} preset "
-        f"({', '.join(FAMILIES[family].CONFIGS)}); put a config.json beside it"
+        f"({', '.join(presets)}); put a config.json beside it"
     )
 
 
-# Loading
-
-
 def read(path):
-    """(config dict, {name: (file, tensor)}) of a checkpoint in either format."""
+    """(config dict, its file, {name: Stored}) of a checkpoint in either format."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    return gemma3_text_tower(*read_hf(path), path) if path.is_dir() else read_ckpt(path)
+    return gemma3_text_tower(*read_hf(path)) if path.is_dir() else read_ckpt(path)
 
 
 # The text tower of a multimodal Gemma 3 checkpoint: its tensor names, by layout.
@@ -235,7 +257,7 @@ GEMMA3_TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "langu
 GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
-def gemma3_text_tower(config, tensors, source):
+def gemma3_text_tower(config, config_file, tensors):
     """A multimodal Gemma 3 checkpoint (model_type "gemma3": Gemma3ForConditionalGeneration
     or Gemma3Model) as the gemma3_text model of its text tower; any other unchanged.
 
@@ -244,88 +266,106 @@ def gemma3_text_tower(config, tensors, source):
     own. The text tensors are renamed to Gemma3ForCausalLM's names, and the
     vision tower and projector are skipped, with a message saying so.
     """
-    if config.get("model_type") != "gemma3":
-        return config, tensors
-    text = dict(config.get("text_config") or {})
-    text["model_type"], text["architectures"] = "gemma3_text", ["Gemma3ForCausalLM"]
+    if not isinstance(config, dict) or config.get("model_type") != "gemma3":
+        return config, config_file, tensors
+    text = config.get("text_config", {})
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{config_file}: text_config is a {type(text).__name__}, not a JSON object")
+    text = text | {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
     if "eos_token_id" not in text and "eos_token_id" in config:  # the -it files list <end_of_turn> there
         text["eos_token_id"] = config["eos_token_id"]
     renamed, skipped = {}, 0
-    for name, t in tensors.items():
+    for name, stored in tensors.items():
         if name in ("lm_head.weight", "language_model.lm_head.weight"):
-            renamed["lm_head.weight"] = t  # accepted only if tied (check_tensors)
+            renamed["lm_head.weight"] = stored  # accepted only if tied (check_tensors)
         elif name.startswith(GEMMA3_VISION_PREFIXES):
             skipped += 1
         else:
             prefix = next((p for p in GEMMA3_TEXT_PREFIXES if name.startswith(p)), None)
-            renamed["model." + name.removeprefix(prefix) if prefix else name] = t  # else: unexpected, check_tensors says so
-    print(f"{source}: a multimodal Gemma 3 checkpoint: loading its text tower, "
+            renamed["model." + name.removeprefix(prefix) if prefix else name] = stored  # else: unexpected, check_tensors says so
+    print(f"{config_file.parent}: a multimodal Gemma 3 checkpoint: loading its text tower, "
           f"skipping the {skipped} tensors of the vision tower and projector", file=sys.stderr)
-    return text, renamed
+    return text, config_file, renamed
+
+
+# Checking the config, then the tensors, against each other
+
+
+def check_sizes(config, tensors, source):
+    """The layer count and widths the tensors imply equal config.json's. Checked before
+    the config is read (Gemma 2's lists each layer's type) and the model built, so that
+    no config can make the loader spin through a million layers. A value of a wrong
+    type is left to the config class, which names the field."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: holds a {type(config).__name__}, not a JSON object")
+    layers = len({m[1] for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))})
+    implied = [("num_hidden_layers", layers, "layers")]
+    for name, dim, field in [("model.embed_tokens.weight", 0, "vocab_size"), ("model.embed_tokens.weight", 1, "hidden_size"),
+                             ("model.layers.0.mlp.gate_proj.weight", 0, "intermediate_size")]:
+        if name in tensors and len(tensors[name].shape) == 2:
+            implied.append((field, tensors[name].shape[dim], f"in dim {dim} of tensor {name}"))
+    for field, value, where in implied:
+        if type(config.get(field)) is int and config[field] != value:
+            raise CheckpointError(f"{source}: {field} is {config[field]}, but the checkpoint has {value} {where}")
 
 
 def model_config(config, source):
-    """(module, config object) of a config dict; errors name `source`."""
-    family = config.get("model_type") if isinstance(config, dict) else None
-    if family not in FAMILIES:
+    """(module, config object) of a config dict; the config class checks every field."""
+    family = config.get("model_type")
+    if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} is not one of {sorted(FAMILIES)}")
-    module = FAMILIES[family]
     try:
-        return module, CONFIG_CLASSES[family].from_hf(config)
-    except (TypeError, ValueError) as e:  # an unsupported setting, a wrong type, ...
+        return FAMILIES[family][0], FAMILIES[family][1].from_hf(config)
+    except ValueError as e:  # names the field
         raise CheckpointError(f"{source}: {e}") from None
 
 
 def build(config, source):
-    """The model a config dict describes, on the meta device (no memory yet)."""
+    """The model config.json describes (its family and head), on the meta device: no memory."""
     module, cfg = model_config(config, source)
-    arch = (config.get("architectures") or ["ForCausalLM"])[0]
+    archs = config.get("architectures") or ["ForCausalLM"]
+    arch = archs[0] if isinstance(archs, list) and isinstance(archs[0], str) else repr(archs)
     head = next((h for h in HEADS if arch.endswith(h)), None)
     if head is None:
         raise CheckpointError(f"{source}: architecture {arch!r} is not one of {HEADS}")
-    cls = getattr(module, CLASS_PREFIXES[config["model_type"]] + head, None)
+    cls = getattr(module, FAMILIES[config["model_type"]][2] + head, None)
     if cls is None:  # gemma3.py has a causal LM only
         raise CheckpointError(f"{source}: architecture {arch!r}: {module.__name__}.py has no {head} head")
-    with torch.device("meta"):
-        if head == "ForCausalLM":
+    if head == "ForCausalLM":
+        with torch.device("meta"):
             return cls(cfg)
-        labels = config.get("id2label") or {str(i): i for i in range(config.get("num_labels", 2))}
-        return cls(cfg, len(labels))
+    labels = config.get("id2label")
+    num_labels = len(labels) if isinstance(labels, dict) and labels else config.get("num_labels", 2)
+    if type(num_labels) is not int or num_labels < 1:
+        raise CheckpointError(f"{source}: num_labels {num_labels!r} is not an integer >= 1")
+    with torch.device("meta"):
+        return cls(cfg, num_labels)
 
 
 def check_tensors(model, tensors, source):
     """Every expected tensor present with its shape, nothing unexpected."""
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    if "lm_head.weight" in tensors and "lm_head.weight" not in expected:
-        # Some exports write the tied LM head out; accept it only if it is tied.
-        file, ref = tensors.pop("lm_head.weight")
-        embedding = tensors.get("model.embed_tokens.weight")
-        if embedding is None or not torch.equal(load_tensor(file, ref), load_tensor(*embedding)):
-            raise CheckpointError(f"{file_name(file)}: lm_head.weight differs from model.embed_tokens.weight; Gemma ties them")
+    lm_head = tensors.pop("lm_head.weight", None) if "lm_head.weight" not in expected else None
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise CheckpointError(f"{source}: missing tensor {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for name, (file, ref) in tensors.items():
+    for name, stored in tensors.items():
         if name not in expected:
-            raise CheckpointError(f"{file_name(file)}: unexpected tensor {name}")
-        shape = tuple(file.entries[ref][1]) if isinstance(file, SafetensorsFile) else tuple(ref.shape)
-        if shape != expected[name]:
-            raise CheckpointError(
-                f"{file_name(file)}: tensor {name} has shape {shape}, but the config implies {expected[name]}"
-            )
+            raise CheckpointError(f"{stored.file}: unexpected tensor {name}")
+        if stored.shape != expected[name]:
+            raise CheckpointError(f"{stored.file}: tensor {name} has shape {stored.shape}, but the config implies {expected[name]}")
+    # Some exports write the tied LM head out; accept it only if it is the embedding.
+    embedding = tensors["model.embed_tokens.weight"]
+    if lm_head is not None and (lm_head.shape != embedding.shape or not torch.equal(lm_head.read(), embedding.read())):
+        raise CheckpointError(f"{lm_head.file}: lm_head.weight differs from model.embed_tokens.weight; Gemma ties them")
 
 
-def file_name(file):
-    return file.path if isinstance(file, SafetensorsFile) else file
+# Loading
 
 
-def load_tensor(file, ref):
-    return file.tensor(ref) if isinstance(file, SafetensorsFile) else ref
-
-
-def materialize(file, ref, dtype, device):
+def materialize(stored, dtype, device):
     """The tensor in dtype on device, with as little extra memory as possible."""
-    src = load_tensor(file, ref)  # a view of the memory-mapped file, in either format
+    src = stored.read()  # a view of the memory-mapped file, in either format
     if src.dtype == dtype and device.type == "cpu":
         return src  # the mapped file itself: no copy
     dst = torch.empty(src.shape, dtype=dtype, device=device)
@@ -352,8 +392,8 @@ def release(mapped):
 
 def default_device_and_dtype(device, dtype):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
         if dtype not in names:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
         dtype = names[dtype]
@@ -373,23 +413,18 @@ def load(path, device=None, dtype=None, progress=True):
     start = time.perf_counter()
     path = Path(path)
     device, dtype = default_device_and_dtype(device, dtype)
-    config, tensors = read(path)
-    model = build(config, path / "config.json" if path.is_dir() else path)
-    check_tensors(model, tensors, path)
+    config, config_file, tensors = read(path)
+    check_sizes(config, tensors, config_file)
+    model = build(config, config_file)
+    index = path / "model.safetensors.index.json"
+    check_tensors(model, tensors, path if not path.is_dir() else index if index.is_file() else path / "model.safetensors")
 
-    total = sum(load_tensor(*t).nbytes for t in tensors.values())
-    state, done = {}, 0
-    for name, (file, ref) in tensors.items():
-        state[name] = materialize(file, ref, dtype, device)
-        done += load_tensor(file, ref).nbytes
-        if progress and total > 1 << 30 and sys.stderr.isatty():
-            print(f"\rloading {path.name}: {done / total:4.0%} of {total / 1e9:.1f} GB", end="", file=sys.stderr)
+    state = {name: materialize(stored, dtype, device) for name, stored in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     if progress:
-        n = sum(p.numel() for p in model.parameters())
-        end = "\n" if total > 1 << 30 and sys.stderr.isatty() else ""
-        print(f"{end}loaded {path}: {n:,} parameters, {str(dtype).removeprefix('torch.')} on {device}, "
+        n, total = sum(p.numel() for p in model.parameters()), sum(math.prod(s.shape) * s.dtype.itemsize for s in tensors.values())
+        print(f"loaded {path}: {n:,} parameters, {str(dtype).removeprefix('torch.')} on {device}, "
               f"from {total / 1e6:.1f} MB of tensors in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
 
@@ -402,7 +437,10 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"{candidate}: no tokenizer.model for checkpoint {path}")
     from tokenizer import Tokenizer
 
-    return Tokenizer(candidate)
+    try:
+        return Tokenizer(candidate)
+    except ValueError as e:  # not a SentencePiece model, or one without Gemma's pieces
+        raise CheckpointError(f"{candidate}: {e}") from None
 
 
 # Writing the Hugging Face layout
@@ -410,7 +448,7 @@ def load_tokenizer(path):
 
 def hf_config(model):
     """config.json for a model: every config field under its HF name."""
-    family = {cls: name for name, cls in CONFIG_CLASSES.items()}[type(model.config)]
+    family = next(name for name, (_, config_class, _) in FAMILIES.items() if type(model.config) is config_class)
     config = {"architectures": [type(model).__name__], "model_type": family, **vars(model.config)}
     if hasattr(model, "score"):
         config["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.score.out_features)}
@@ -422,22 +460,12 @@ def hf_config(model):
 
 
 def write_safetensors(path, tensors):
-    dtype_names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-    # Written beside, then renamed over `path`: a reader never sees half a file, and
-    # a model loaded from `path` keeps its tensors (they map the old file).
+    """Written by the safetensors library beside `path`, then renamed over it: a reader
+    never sees half a file, and a model loaded from `path` keeps its tensors (they map
+    the old file). Tensors on the CPU are written from where they lie, with no copy."""
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for t in tensors.values():
-            if t.nbytes:  # the bytes as they lie in memory: no copy on the CPU
-                f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy())
+    tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    safetensors.torch.save_file(tensors, partial, metadata={"format": "pt"})
     os.replace(partial, path)
 
 
@@ -477,6 +505,12 @@ def parse_size(text):
     return int(text)
 
 
+def stored_dtype(path):
+    """The dtype of the embedding as stored, so that a conversion keeps it."""
+    tensors = read(path)[2]
+    return tensors.get("model.embed_tokens.weight", next(iter(tensors.values()))).dtype
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -498,12 +532,6 @@ def main(argv=None):
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
     print(f"wrote {args.dst}", file=sys.stderr)
-
-
-def stored_dtype(path):
-    """The dtype of the embedding as stored, so that a conversion keeps it."""
-    _, tensors = read(path)
-    return load_tensor(*tensors["model.embed_tokens.weight"] if "model.embed_tokens.weight" in tensors else next(iter(tensors.values()))).dtype
 
 
 if __name__ == "__main__":

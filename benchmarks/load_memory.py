@@ -73,7 +73,7 @@ def write_checkpoint(directory, dtype):
     (directory / "config.json").write_text(json.dumps(weights.hf_config(model), indent=2))
     tensors = model.state_dict()  # meta tensors: names, shapes, dtype
     header, offset = {}, 0
-    for name, t in tensors.items():  # the layout weights.write_safetensors writes
+    for name, t in tensors.items():  # the layout the safetensors library writes
         header[name] = {"dtype": {torch.bfloat16: "BF16", torch.float32: "F32"}[dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes

@@ -52,6 +52,7 @@ def test_chat_mode_runs_and_prints_only_the_reply():
         (["--temperature", "-1"], "temperature"),
         (["--top-p", "1.5"], "top_p"),
         (["--max-new-tokens", "100000"], "positions"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_bad_input_is_one_line_of_error_not_a_traceback(args, message):
@@ -59,3 +60,10 @@ def test_bad_input_is_one_line_of_error_not_a_traceback(args, message):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert "error:" in out.stderr and message in out.stderr
+
+
+def test_threads_option_sets_the_cpu_threads_and_keeps_the_tokens():
+    one = run("--max-new-tokens", "10", "--threads", "1")
+    two = run("--max-new-tokens", "10", "--threads", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert one.stdout == two.stdout

@@ -18,10 +18,12 @@ import pytest
 import torch
 
 import hf_oracle as oracle
-from gemma3 import CONFIGS, Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel, KVCache, RingKVCache, generate
+from gemma3 import CONFIGS, Gemma3ForCausalLM, Gemma3TextConfig, Gemma3TextModel, KVCache, RingKVCache, generate, stream
 
 # float32 parity bound on logits of O(1-10), as in test_gemma2.py: the same
-# math in another order leaves ~1e-5 relative; measured below 1e-5 here.
+# math in another order leaves ~1e-5 relative. Measured on a CPU: 0 for the
+# full forward (the same operations in the same order), below 1e-5 through the
+# cache (keys in ring order, so softmax sums in another order).
 ATOL = 1e-4
 # A result that differs from the reference by more than this is a different
 # computation, not rounding: 100x the parity bound.
@@ -263,6 +265,27 @@ def test_a_left_padded_row_decoded_through_the_cache_equals_its_prompt_alone(par
     torch.testing.assert_close(got[1:], ours(x[1:]), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 7, 16, T + 8])
+@torch.no_grad()
+def test_a_left_padded_batch_prefilled_in_chunks_as_stream_does_equals_transformers_at_every_visible_position(parity_pair, chunk):
+    # Row 1 is left-padded by 13 slots; transformers gets the attention mask and
+    # the position ids that its generate would pass. Chunks go through the cache
+    # as stream sends them: each with the cache up to its end (KVCache.prefix).
+    hf, ours = parity_pair
+    x, pad = tokens(2, T, seed=8), torch.tensor([0, 13])
+    visible = (torch.arange(T)[None, :] >= pad[:, None]).long()  # (B, T)
+    x = x.masked_fill(visible == 0, 0)
+    positions = (visible.cumsum(-1) - 1).clamp(min=0)
+    ref = hf(input_ids=x, attention_mask=visible, position_ids=positions, use_cache=False).logits
+    cache, got = ours.make_cache(2, T + 8), []
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        seen = torch.nn.ModuleList(c.prefix(a + chunk) for c in cache)
+        got.append(ours(x[:, a:b], torch.arange(a, b), seen, pad))
+    mask = visible.bool()  # padding positions carry no meaning on either side
+    torch.testing.assert_close(torch.cat(got, dim=1)[mask], ref[mask], atol=ATOL, rtol=0)
+
+
 # --- generate ------------------------------------------------------------------
 
 
@@ -272,6 +295,15 @@ def test_greedy_generate_equals_transformers_greedy_generate_across_several_wind
     expected = oracle.hf_greedy(hf, PROMPT, n)
     assert len(set(expected)) >= 15  # not one token repeated
     assert generate(ours, PROMPT, n) == expected
+
+
+@pytest.mark.parametrize("chunk", [2, W, 8, 13])
+def test_generation_after_a_prefill_in_chunks_shorter_or_longer_than_the_window_equals_transformers(gen_pair, chunk):
+    hf, ours = gen_pair
+    prompt = PROMPT + tokens(1, 20, seed=6)[0].tolist()  # 25 tokens, 5 windows
+    expected = oracle.hf_greedy(hf, prompt, 15)
+    assert len(set(expected)) >= 5
+    assert [t.item() for t in stream(ours, [prompt], 15, prefill_chunk=chunk)] == expected
 
 
 def test_each_prompt_of_a_left_padded_batch_gets_the_tokens_it_gets_alone(gen_pair):
@@ -306,6 +338,16 @@ def test_bf16_model_picks_the_same_top_token_as_transformers_bf16_at_most_positi
     # sides round in different places (transformers applies RoPE in bf16, we in
     # float32), so where the top two logits are close the argmax may flip.
     assert (got.argmax(-1) == ref).float().mean() >= 0.9
+
+
+@torch.no_grad()
+def test_in_bf16_the_embedding_scale_and_the_norm_round_exactly_as_transformers():
+    # As in test_gemma2.py: no layers, D = 3072, so the bf16 rounding of sqrt(D)
+    # (55.4256 -> 55.5) and the float32 (1 + w) of the final norm are checked bit for bit.
+    fields = dict(TINY, vocab_size=16, hidden_size=3072, num_hidden_layers=0, num_attention_heads=1, num_key_value_heads=1, layer_types=[])
+    hf, ours = oracle.pair("gemma3", seed=8, dtype=torch.bfloat16, **fields)
+    x = torch.arange(16)[None]
+    assert torch.equal(ours.model(x), hf.model(input_ids=x).last_hidden_state)
 
 
 # --- config ----------------------------------------------------------------------
@@ -379,6 +421,24 @@ def test_transformers_reads_the_released_config_files_as_our_presets(preset):
     assert Gemma3TextConfig.from_hf(written) == CONFIGS[preset]
 
 
+OTHER_FORMS = {
+    # transformers 4.5x: rope_parameters without rope_theta, the bases at the top level.
+    "rope_parameters_without_bases": {
+        "rope_scaling": None,
+        "rope_theta": 1_000_000,
+        "rope_local_base_freq": 10_000,
+        "rope_parameters": {"full_attention": {"factor": 8.0, "rope_type": "linear"}, "sliding_attention": {"rope_type": "default"}},
+    },
+    # Older rope_scaling dicts say "type", not "rope_type".
+    "rope_scaling_with_type": {"rope_scaling": {"factor": 8.0, "type": "linear"}},
+}
+
+
+@pytest.mark.parametrize("form", OTHER_FORMS.values(), ids=OTHER_FORMS.keys())
+def test_from_hf_reads_the_other_rope_forms_found_in_config_files(form):
+    assert Gemma3TextConfig.from_hf(HUB_TEXT_CONFIG["gemma-3-27b"] | form) == CONFIGS["gemma-3-27b"]
+
+
 def test_our_defaults_are_transformers_gemma3_text_config_defaults():
     # What the multimodal files leave out must read as transformers reads it.
     assert Gemma3TextConfig.from_hf(oracle.hf_config("gemma3").to_dict()) == Gemma3TextConfig()
@@ -412,6 +472,20 @@ def test_preset_parameter_count_and_names_equal_transformers(preset):
     assert {k: v.shape for k, v in ours.state_dict().items()} == hf_shapes
 
 
+# Gemma 3 report (arXiv 2503.19786) Table 1, non-embedding parameters in
+# millions (the 270M came later and is not in it). The table's embedding
+# column (302M, 675M, 1,012M, 1,416M) matches vocab x hidden for the 1B only.
+REPORT_NON_EMBEDDING_M = {"gemma-3-1b": 698, "gemma-3-4b": 3209, "gemma-3-12b": 10759, "gemma-3-27b": 25600}
+
+
+@pytest.mark.parametrize("preset", REPORT_NON_EMBEDDING_M.keys())
+def test_preset_non_embedding_parameters_equal_the_reports_table_1(preset):
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(CONFIGS[preset])
+    n = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    assert round(n / 1e6) == REPORT_NON_EMBEDDING_M[preset]
+
+
 def test_state_dict_holds_exactly_the_transformers_names_less_the_tied_lm_head():
     hf = oracle.hf_causal_lm("gemma3", **TINY)
     ours = Gemma3ForCausalLM(Gemma3TextConfig(**TINY))
@@ -424,11 +498,100 @@ REFUSED = {
     "final_soft_cap": dict(final_logit_softcapping=30.0),
     "bidirectional_embedding_model": dict(use_bidirectional_attention=True),
     "yarn_scaling": dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}),
-    "silu": dict(hidden_activation="silu"),
+    "rope_parameters_not_an_object": dict(rope_parameters="linear"),
+    "scaled_local_layers": dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 8.0}}),
+    "scaling_factor_as_text": dict(rope_scaling={"rope_type": "linear", "factor": "8"}),
+    "scaling_factor_zero": dict(rope_scaling={"rope_type": "linear", "factor": 0}),
+    "pattern_zero": dict(sliding_window_pattern=0),
+    "window_zero": dict(sliding_window=0),
+    "layer_types_too_short": dict(layer_types=["sliding_attention"] * 5),
+    "local_base_negative": dict(rope_local_base_freq=-10_000),
 }
 
 
 @pytest.mark.parametrize("fields", REFUSED.values(), ids=REFUSED.keys())
-def test_from_hf_refuses_what_gemma_3_does_not_compute(fields):
-    with pytest.raises(ValueError):
+def test_from_hf_refuses_what_gemma_3_does_not_compute_with_a_value_error_naming_the_field(fields):
+    with pytest.raises(ValueError, match="|".join(fields)):
         Gemma3TextConfig.from_hf(HUB_GEMMA_3_1B | fields)
+
+
+# --- what the ring buffer saves --------------------------------------------------
+
+
+def cache_mib(config, length):
+    """MiB of the bf16 KV cache that make_cache allocates for one sequence of `length`."""
+    with torch.device("meta"):  # shapes only, no memory
+        model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    cache = model.make_cache(1, length)
+    return sum(c.k.nbytes + c.v.nbytes for c in cache) / 2**20
+
+
+@pytest.mark.parametrize(
+    "preset, length, ring, full",
+    [
+        ("gemma-3-1b", 8192, 43, 208),
+        ("gemma-3-1b", 32768, 139, 832),  # the worked example of RingKVCache's docstring
+        ("gemma-3-27b", 8192, 1056, 3968),
+        ("gemma-3-27b", 32768, 2976, 15872),
+    ],
+)
+def test_ring_buffers_on_local_layers_shrink_the_bf16_kv_cache_as_the_readme_says(preset, length, ring, full):
+    config = CONFIGS[preset]
+    assert round(cache_mib(config, length)) == ring
+    # A window as long as the sequence: every layer keeps every key, as in gemma2.py.
+    assert round(cache_mib(dataclasses.replace(config, sliding_window=length), length)) == full
+
+
+# --- torch.compile ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_generate_through_the_ring_gives_the_eager_tokens(gen_pair):
+    # The decode step compiles with static shapes: the ring has a fixed size.
+    _, ours = gen_pair
+    prompts = [[2, 17, 99, 3, 54, 200, 7, 11, 150, 42, 8, 61], [2, 5, 250, 33]]  # left padding, prompts > W
+    eager = generate(ours, prompts, 12)
+    assert generate(ours, prompts, 12, compile=True) == eager
+    assert len(set(eager[0] + eager[1])) > 3
+
+
+def test_from_hf_rejects_an_activation_that_is_not_the_tanh_gelu():
+    with pytest.raises(ValueError, match="silu"):
+        Gemma3TextConfig.from_hf(HUB_GEMMA_3_1B | {"hidden_activation": "silu"})
+
+
+# --- diff gemma2.py gemma3.py is the list of changes -------------------------------
+
+# Each Gemma 3 change, with the words that name it in the code (as tests/test_diff.py
+# does for Gemma 1 -> 2): a hunk of the diff that names none of them and is no
+# rename is a change the module docstring and the README do not list.
+GEMMA3_CHANGES = {
+    "QK-norm replaces the attention soft-cap": r"q_norm|k_norm|QK-norm|softcap|soft-cap",
+    "five local layers per global one, shorter window": r"sliding|window|local|global|layer_types|\bmasks?\b|% 6|% n\b",
+    "two RoPE bases, linear scaling on global layers": r"rope|RoPE|factor|angles",
+    "ring-buffer cache for local layers": r"[Rr]ing|key_slots|KVCache|make_cache|zeros",
+    "vocabulary and presets": r"vocab_size|CONFIGS|gemma-3-|config\.json|max_position_embeddings|eos_token_id",
+    "text only: no classifier heads": r"[Cc]lassifi|ForSequenceClassification|ForTokenClassification|score",
+}
+RENAMED = r"\bGemma[23](Text)?(Config|Attention|MLP|DecoderLayer|Model|ForCausalLM)\b"
+
+
+def diff_hunks():
+    """(lines of gemma2.py, lines of gemma3.py) of each hunk below the module docstrings."""
+    import difflib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    old, new = ((root / f).read_text().splitlines() for f in ("gemma2.py", "gemma3.py"))
+    start = lambda lines: lines.index("import math")  # noqa: E731
+    for tag, a, b, c, d in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+        if tag != "equal" and (a >= start(old) or c >= start(new)):
+            yield old[a:b], new[c:d]
+
+
+def test_every_hunk_of_diff_gemma2_gemma3_names_a_gemma3_change_or_a_renamed_class():
+    import re
+
+    pattern = re.compile("|".join([*GEMMA3_CHANGES.values(), RENAMED]))
+    unexplained = [(a, b) for a, b in diff_hunks() if not any(pattern.search(line) for line in a + b)]
+    assert not unexplained, "\n---\n".join("\n".join(["< " + x for x in a] + ["> " + x for x in b]) for a, b in unexplained)

@@ -15,7 +15,9 @@ from tokenizer import Tokenizer
 TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "gemma-demo"
 
 # The official template of google/gemma-2-2b-it (the same in gemma-7b-it and
-# gemma-2-9b-it), copied from its tokenizer_config.json (GEMMA_FACTS.md).
+# gemma-2-9b-it), copied from the "chat_template" field of its
+# tokenizer_config.json on the Hugging Face Hub
+# (https://huggingface.co/google/gemma-2-2b-it/blob/main/tokenizer_config.json).
 OFFICIAL_TEMPLATE = (
     r"{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     r"{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -76,10 +78,15 @@ def tok():
 
 @pytest.fixture(scope="module")
 def hf():
-    """transformers' tokenizer built the way that works in transformers 5 (GEMMA_FACTS.md).
+    """transformers' tokenizer built the way that works in transformers 5.
 
-    Converting a tokenizer.model needs protobuf; GemmaTokenizer(vocab_file=...)
-    would silently ignore the file instead.
+    In transformers 5, GemmaTokenizer.__init__ takes a `vocab`, not a
+    `vocab_file`: GemmaTokenizer(vocab_file=...) silently ignores the file and
+    builds a vocabulary of the special tokens alone
+    (transformers/models/gemma/tokenization_gemma.py). from_pretrained on the
+    directory converts its tokenizer.model instead, through sentencepiece's
+    protobuf schema (`convert_to_native_format` in
+    transformers/tokenization_utils_tokenizers.py), hence the protobuf skip.
     """
     pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read tokenizer.model")
     from transformers import GemmaTokenizer
@@ -142,7 +149,8 @@ def test_format_chat_equals_official_template(tok, hf, messages, add_generation_
 
 
 def test_format_chat_writes_the_documented_layout(tok):
-    # Independent of transformers: the layout spelled out in GEMMA_FACTS.md.
+    # Independent of transformers: the layout of "Gemma formatting and system
+    # instructions" (https://ai.google.dev/gemma/docs/formatting), with <bos> first.
     messages = [{"role": "user", "content": " Hi \n"}, {"role": "assistant", "content": "Hello"}]
     assert tok.format_chat(messages) == (
         "<bos><start_of_turn>user\nHi<end_of_turn>\n"

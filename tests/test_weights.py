@@ -224,8 +224,8 @@ def test_official_ckpt_shapes_of_each_preset_give_that_preset(preset, tmp_path):
     with torch.device("meta"):
         model = OURS[family][1](cfg)
     sd = official_state_dict(model.state_dict(), cfg)
-    config = weights.official_config(tmp_path / "model.ckpt", sd)  # no config.json in tmp_path
-    assert config["model_type"] == family
+    config, source = weights.official_config(tmp_path / "model.ckpt", sd)  # no config.json in tmp_path
+    assert config["model_type"] == family and source == tmp_path / "model.ckpt"
     assert type(cfg).from_hf(config) == cfg
 
 
@@ -335,7 +335,11 @@ def test_truncated_safetensors_is_an_error(hf_dir, cut, load_fails):
     header_end = 8 + int.from_bytes(data[:8], "little")
     end = {"in the data": (header_end + len(data)) // 2, "in the header": header_end // 2, "in the length": 5}[cut]
     file.write_bytes(data[:end])
-    load_fails(hf_dir, file, "truncated")
+    message = load_fails(hf_dir, file, "refused by the safetensors library")
+    if cut == "in the data":  # the tensor whose bytes are cut off is named
+        header = json.loads(data[8:header_end])
+        last = max((n for n in header if n != "__metadata__"), key=lambda n: header[n]["data_offsets"])
+        assert f"tensor {last}:" in message
 
 
 def test_safetensors_header_whose_offsets_disagree_with_the_shape_is_an_error(hf_dir, load_fails):
