@@ -78,10 +78,12 @@ class Tokenizer:
         for a Gemma 3 tokenizer)."""
         text, first_user_prefix = "<bos>", ""
         if self.is_gemma3 and messages and messages[0]["role"] == "system":
-            # Gemma 3's template (google/gemma-3-1b-it and -4b-it, tokenizer_config.json
-            # "chat_template") still has no system turn: it writes the system text,
-            # untrimmed, and a blank line at the start of the first turn. Like the
-            # template, a system message with no turn after it is dropped.
+            # Gemma 3's template (google/gemma-3-4b-it, tokenizer_config.json
+            # "chat_template", copied verbatim in linkedin/Liger-Kernel under
+            # test/resources/fake_configs/Google/Gemma3/) still has no system turn: it
+            # writes the system text, untrimmed, and a blank line at the start of the
+            # first turn. Like the template, a system message with no turn after it
+            # is dropped.
             first_user_prefix = messages[0]["content"] + "\n\n"
             messages = messages[1:]
         for i, m in enumerate(messages):
