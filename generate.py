@@ -1,4 +1,4 @@
-"""Generate text with Gemma or Gemma 2 from the command line, streaming tokens.
+"""Generate text with Gemma, Gemma 2 or Gemma 3 from the command line, streaming tokens.
 
     python generate.py                                  # the Gemma 2 demo shipped in the repo
     python generate.py --checkpoint checkpoints/gemma-demo --prompt "The for statement"
@@ -16,6 +16,7 @@ import torch
 
 import gemma
 import gemma2
+import gemma3
 import weights
 
 DEMO = Path(__file__).resolve().parent / "checkpoints" / "gemma2-demo"
@@ -23,7 +24,7 @@ SMALL_MODEL = 100_000_000  # parameters; below this, one CPU thread by default (
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Generate text with Gemma or Gemma 2.")
+    parser = argparse.ArgumentParser(description="Generate text with Gemma, Gemma 2 or Gemma 3.")
     parser.add_argument("--checkpoint", default=str(DEMO), help="HF directory or official .ckpt (default: the Gemma 2 demo)")
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", default='The "if" statement is used for conditional execution', help="text to continue")
@@ -52,9 +53,10 @@ def main(argv=None):
     # for it (demo decode fell from ~470 to 2-20 tokens/s; see the README).
     small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
     torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
-    if not isinstance(model, (gemma.GemmaForCausalLM, gemma2.Gemma2ForCausalLM)):
+    families = {gemma.GemmaForCausalLM: gemma, gemma2.Gemma2ForCausalLM: gemma2, gemma3.Gemma3ForCausalLM: gemma3}
+    if type(model) not in families:
         sys.exit(f"error: {args.checkpoint} holds a {type(model).__name__}, which does not generate text")
-    family = gemma2 if isinstance(model, gemma2.Gemma2ForCausalLM) else gemma
+    family = families[type(model)]
 
     if args.chat is not None:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.chat}])

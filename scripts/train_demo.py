@@ -1,15 +1,21 @@
 """Train the small demo checkpoints shipped in checkpoints/ (CPU, minutes, no download).
 
-    python scripts/train_demo.py [--model gemma|gemma2|both] [--steps N] [--out checkpoints] [--threads N]
+    python scripts/train_demo.py [--model gemma|gemma2|gemma3|all] [--steps N] [--out checkpoints] [--threads N]
 
 1. A SentencePiece tokenizer with Gemma's settings (BPE, byte fallback, split
    digits, no normalisation, no dummy prefix, whitespace kept, pad 0 / eos 1 /
    bos 2 / unk 3, the chat turn markers as pieces of their own), with a small
    vocabulary.
-2. A small Gemma (multi-query, like gemma-2b) and a small Gemma 2 (grouped-query,
-   sliding window much shorter than the training context, so the window matters),
-   trained with AdamW on the text that ships with Python itself: the pydoc topics
-   (`pydoc_data.topics`, the reference text that `help("if")` prints).
+2. A small Gemma (multi-query, like gemma-2b), a small Gemma 2 (grouped-query,
+   sliding window much shorter than the training context, so the window matters)
+   and a small Gemma 3 (seven layers: five local, one global, one local; a still
+   shorter window; QK-norm; the two RoPE bases and the global layer's position
+   scaling of gemma-3-4b), trained with AdamW on the text that ships with Python
+   itself: the pydoc topics (`pydoc_data.topics`, the reference text that
+   `help("if")` prints). Gemma 3's tokenizer is the same one with Gemma 3's two
+   image pieces appended (ids 4096 and 4097, never in the text): tokenizer.py
+   recognises a Gemma 3 vocabulary, and so Gemma 3's chat template, by its
+   <end_of_image> piece.
 
 Each is written in the Hugging Face layout (config.json, model.safetensors,
 tokenizer.model) with weights.save_hf, so `weights.load(...)` reads it back like
@@ -19,7 +25,9 @@ seconds, and their continuations read like Python's documentation, not like a
 real LM. The shipped ones came from `--model gemma --threads 1` and
 `--model gemma2 --threads 1` run side by side (about 7 minutes each with two
 idle cores, 30-37 under load): final training loss 0.49 and 0.45, loss on the
-held-out topics 6.3 (memorised, not general). The tokenizer file is the same
+held-out topics 6.3 (memorised, not general). The Gemma 3 one came from
+`--model gemma3 --threads 1`, 28 minutes on the same two cores under load:
+final training loss 0.43, held-out 6.45. The tokenizer file is the same
 bytes on every run; the weights can differ in the last bits with the thread count.
 """
 
@@ -32,6 +40,7 @@ import time
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gemma  # noqa: E402
 import gemma2  # noqa: E402
+import gemma3  # noqa: E402
 import weights  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -68,6 +78,21 @@ GEMMA2_CONFIG = dict(
     query_pre_attn_scalar=32,  # = head_dim, as in gemma-2-2b and 9b
     sliding_window=48,  # much shorter than CONTEXT, so the local layers differ from the global ones
 )
+# Gemma 3 like gemma-3-4b (grouped-query, linear position scaling on the global
+# layers), with seven layers so that the 5:1 pattern holds one global layer and
+# a local one after it, and a narrower MLP to stay at about the same size.
+GEMMA3_CONFIG = dict(
+    GEMMA2_CONFIG,
+    vocab_size=VOCAB_SIZE + 2,  # + <start_of_image>, <end_of_image>
+    intermediate_size=256,
+    num_hidden_layers=7,  # local x5, global, local
+    sliding_window=32,  # shorter than Gemma 2's, as 1024 is shorter than 4096
+    rope_theta=1_000_000.0,  # global layers
+    rope_local_base_freq=10_000.0,  # local layers
+    rope_scaling={"rope_type": "linear", "factor": 8.0},  # global layers, as in gemma-3-4b
+)
+# Gemma 3's image pieces (google-deepmind/gemma, gemma/gm/text/_tokenizer.py), after the others.
+GEMMA3_IMAGE_PIECES = ["<start_of_image>", "<end_of_image>"]
 
 # Training
 CONTEXT = 256  # tokens per training sequence, <bos> included
@@ -122,6 +147,22 @@ def train_tokenizer(docs, path):
     )
     path.write_bytes(model.getvalue())
     return Tokenizer(path)
+
+
+def add_gemma3_pieces(path, out):
+    """The tokenizer at `path` with Gemma 3's image pieces appended, written to `out`.
+
+    New ids after the old ones leave every other id as it was, so the token streams
+    and what the model learns from them are those of the other demos.
+    """
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    for piece in GEMMA3_IMAGE_PIECES:
+        proto.pieces.add(piece=piece, score=0.0, type=sp_model.ModelProto.SentencePiece.USER_DEFINED)
+    out.write_bytes(proto.SerializeToString())
+    tokenizer = Tokenizer(out)
+    assert tokenizer.is_gemma3 and tokenizer.vocab_size == GEMMA3_CONFIG["vocab_size"]
+    return tokenizer
 
 
 def token_stream(tokenizer, docs):
@@ -214,10 +255,10 @@ def sample(model, family, tokenizer):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["gemma", "gemma2", "both"], default="both")
+    parser.add_argument("--model", choices=["gemma", "gemma2", "gemma3", "all"], default="all")
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--out", default="checkpoints", help="writes OUT/gemma-demo and OUT/gemma2-demo")
-    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 each: train both side by side)")
+    parser.add_argument("--out", default="checkpoints", help="writes OUT/gemma-demo, OUT/gemma2-demo, OUT/gemma3-demo")
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 each: train them side by side)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -233,16 +274,21 @@ def main():
         print(f"tokenizer: {tokenizer.vocab_size} pieces; {len(train_stream)} training tokens, "
               f"{len(valid_stream)} validation tokens")
 
+        gemma3_tokenizer_path = Path(tmp) / "gemma3" / "tokenizer.model"
+        gemma3_tokenizer_path.parent.mkdir()
+        add_gemma3_pieces(tokenizer_path, gemma3_tokenizer_path)
+
         runs = {
-            "gemma": (gemma, gemma.GemmaForCausalLM, gemma.GemmaConfig(**GEMMA_CONFIG)),
-            "gemma2": (gemma2, gemma2.Gemma2ForCausalLM, gemma2.Gemma2Config(**GEMMA2_CONFIG)),
+            "gemma": (gemma, gemma.GemmaForCausalLM, gemma.GemmaConfig(**GEMMA_CONFIG), tokenizer_path),
+            "gemma2": (gemma2, gemma2.Gemma2ForCausalLM, gemma2.Gemma2Config(**GEMMA2_CONFIG), tokenizer_path),
+            "gemma3": (gemma3, gemma3.Gemma3ForCausalLM, gemma3.Gemma3TextConfig(**GEMMA3_CONFIG), gemma3_tokenizer_path),
         }
-        for name, (family, model_class, config) in runs.items():
-            if args.model not in (name, "both"):
+        for name, (family, model_class, config, model_tokenizer) in runs.items():
+            if args.model not in (name, "all"):
                 continue
             model = train(name, model_class, config, train_stream, valid_stream, args.steps)
             out = Path(args.out) / f"{name}-demo"
-            weights.save_hf(model, out, tokenizer_model=tokenizer_path)
+            weights.save_hf(model, out, tokenizer_model=model_tokenizer)
             print(f"wrote {out}")
             sample(model, family, tokenizer)
 
