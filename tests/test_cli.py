@@ -8,10 +8,11 @@ import pytest
 
 import gemma
 import gemma2
+import gemma3
 import weights
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMOS = {"gemma": ROOT / "checkpoints" / "gemma-demo", "gemma2": ROOT / "checkpoints" / "gemma2-demo"}
+DEMOS = {family: ROOT / "checkpoints" / f"{family}-demo" for family in ("gemma", "gemma2", "gemma3")}
 
 
 def run(*args):
@@ -26,21 +27,22 @@ def test_with_no_arguments_it_runs_the_gemma2_demo_and_reports_speed():
     assert "prefill: " in out.stderr and "decode: 20 tokens at" in out.stderr
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
 def test_the_printed_text_is_the_greedy_continuation_of_generate(family):
     prompt = "The for statement"
     out = run("--checkpoint", str(DEMOS[family]), "--prompt", prompt, "--max-new-tokens", "12")
     assert out.returncode == 0, out.stderr
     model, tok = weights.load(DEMOS[family], device="cpu", progress=False), weights.load_tokenizer(DEMOS[family])
-    module = gemma2 if family == "gemma2" else gemma
+    module = {"gemma": gemma, "gemma2": gemma2, "gemma3": gemma3}[family]
     new = module.generate(model, tok.encode(prompt), 12, stop_tokens={tok.eos_id})
     if new[-1] == tok.eos_id:
         new = new[:-1]  # the command line stops at <eos> without printing it
     assert out.stdout == prompt + tok.decode(new) + "\n"
 
 
-def test_chat_mode_runs_and_prints_only_the_reply():
-    out = run("--chat", "What does the with statement do", "--max-new-tokens", "8")
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # Gemma 3 writes its own chat template
+def test_chat_mode_runs_and_prints_only_the_reply(family):
+    out = run("--checkpoint", str(DEMOS[family]), "--chat", "What does the with statement do", "--max-new-tokens", "8")
     assert out.returncode == 0, out.stderr
     assert "<start_of_turn>" not in out.stdout and "What does" not in out.stdout
 
