@@ -210,7 +210,7 @@ class KVCache(nn.Module):
     for 8192 tokens. The compiled path rounds S up to 256 slots (see stream).
     Local layers keep every slot too and hide old ones with the window mask: a
     ring buffer of `sliding_window` slots would save 1/4 of this at 8192 tokens,
-    for slot arithmetic of its own (gemma3.py has one, where it saves 5/6).
+    for slot arithmetic of its own (gemma3.py has it: 5 layers in 6 are local there).
     """
 
     def __init__(self, k, v):
