@@ -6,6 +6,8 @@ the path that Gemma 2 needs for soft-capping (HF PR #32865) and the one whose
 arithmetic our code follows op for op.
 """
 
+import dataclasses
+
 import torch
 import transformers
 
@@ -140,3 +142,10 @@ def hf_greedy(hf_model, prompt, max_new_tokens):
         pad_token_id=hf_model.config.pad_token_id,
     )
     return out[0, len(prompt):].tolist()
+
+
+def with_fields(model, **fields):
+    """A copy of our model, same weights, with config fields replaced."""
+    other = type(model)(dataclasses.replace(model.config, **fields))
+    other.load_state_dict(model.state_dict(), strict=True)
+    return other.eval()

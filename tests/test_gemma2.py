@@ -74,12 +74,7 @@ def gen_pair():
     return oracle.pair("gemma2", **GEN_WEIGHTS, **TINY)
 
 
-def with_fields(model, **fields):
-    """A copy of our model, same weights, with config fields replaced."""
-    config = dataclasses.replace(model.config, **fields)
-    other = Gemma2ForCausalLM(config)
-    other.load_state_dict(model.state_dict(), strict=True)
-    return other.eval()
+with_fields = oracle.with_fields
 
 
 # --- logits ------------------------------------------------------------------

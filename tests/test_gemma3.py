@@ -82,12 +82,7 @@ def gen_pair():
     return oracle.pair("gemma3", **GEN_WEIGHTS, **TINY)
 
 
-def with_fields(model, **fields):
-    """A copy of our model, same weights, with config fields replaced."""
-    config = dataclasses.replace(model.config, **fields)
-    other = Gemma3ForCausalLM(config)
-    other.load_state_dict(model.state_dict(), strict=True)
-    return other.eval()
+with_fields = oracle.with_fields
 
 
 # --- logits ------------------------------------------------------------------

@@ -141,8 +141,8 @@ def write_vocabulary(layout, path):
 def build(layout, directory):
     """(ours, transformers' GemmaTokenizer) on the `layout` vocabulary written to `directory`.
 
-    transformers' tokenizer is built as in test_tokenizer.py (GEMMA_FACTS: the way
-    that reads the file in transformers 5).
+    transformers' tokenizer is built as in test_tokenizer.py, the way that reads the
+    file in transformers 5 (see transformers/models/gemma/tokenization_gemma.py).
     """
     pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read tokenizer.model")
     from transformers import GemmaTokenizer
