@@ -86,11 +86,10 @@ def main(argv=None):
     end = time.perf_counter()
     print()
     if new:
-        print(
-            f"[prefill: {len(prompt)} tokens at {len(prompt) / (first - start):.1f} tok/s; "
-            f"decode: {len(new)} tokens at {(len(new) - 1) / (end - first):.1f} tok/s]",
-            file=sys.stderr,
-        )
+        # Decode speed counts the steps after the first new token, which came with the prefill.
+        decode = f" at {(len(new) - 1) / (end - first):.1f} tok/s" if len(new) > 1 else ""
+        print(f"[prefill: {len(prompt)} tokens at {len(prompt) / (first - start):.1f} tok/s; "
+              f"decode: {len(new)} tokens{decode}]", file=sys.stderr)
 
 
 if __name__ == "__main__":
