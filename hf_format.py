@@ -30,7 +30,9 @@ class CheckpointError(ValueError):
 
 
 # A tensor in a checkpoint file, not read yet; read() gives it as a view of the mapped file.
-Stored = collections.namedtuple("Stored", "file shape dtype read")
+# rows(a, b), where not None, gives rows a to b only: a block-quantized GGUF tensor is
+# dequantized a few rows at a time (gguf_format.py).
+Stored = collections.namedtuple("Stored", "file shape dtype read rows", defaults=(None,))
 
 
 def read_json(path, text=None):

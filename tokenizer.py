@@ -37,13 +37,18 @@ END_OF_IMAGE = "<end_of_image>"
 
 
 class Tokenizer:
-    def __init__(self, path):
+    def __init__(self, path, proto=None):
+        """path: a tokenizer.model; or, with `proto` (the bytes of a serialized
+        SentencePiece model, as rebuilt from a GGUF file), the file it came from."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer model at {path!r}")
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(path)
+            if proto is None:
+                self.sp.Load(path)
+            else:
+                self.sp.LoadFromSerializedProto(proto)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{path!r} is not a readable SentencePiece model: {e}") from None
         self.path = path

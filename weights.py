@@ -44,6 +44,7 @@ import torch
 import gemma
 import gemma2
 import gemma3
+import gguf_format
 import hf_format
 from hf_format import CheckpointError, Stored, read_json
 
@@ -134,11 +135,21 @@ def official_config(path, sd):
     )
 
 
+def is_gguf(path):
+    """A .gguf file, by its name or by its first four bytes (the magic "GGUF")."""
+    if path.suffix == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def read(path):
-    """(config dict, its file, {name: Stored}) of a checkpoint in either format."""
+    """(config dict, its file, {name: Stored}) of a checkpoint in any of the formats."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    return hf_format.gemma3_text_tower(*hf_format.read_hf(path)) if path.is_dir() else read_ckpt(path)
+    if path.is_dir():
+        return hf_format.gemma3_text_tower(*hf_format.read_hf(path))
+    return gguf_format.read_gguf(path) if is_gguf(path) else read_ckpt(path)
 
 
 # Checking the config, then the tensors, against each other
@@ -218,7 +229,13 @@ def check_tensors(model, tensors, source):
 
 def materialize(stored, dtype, device):
     """The tensor in dtype on device, with as little extra memory as possible."""
-    src = stored.read()  # a view of the memory-mapped file, in either format
+    if stored.rows is not None:  # block-quantized (GGUF): dequantized 64 MB of rows at a time
+        dst = torch.empty(stored.shape, dtype=dtype, device=device)
+        step = max(1, (64 << 20) // (4 * stored.shape[1]))
+        for a in range(0, stored.shape[0], step):
+            dst[a : a + step] = stored.rows(a, a + step)
+        return dst
+    src = stored.read()  # a view of the memory-mapped file, in any format
     if src.dtype == dtype and device.type == "cpu":
         return src  # the mapped file itself: no copy
     dst = torch.empty(src.shape, dtype=dtype, device=device)
@@ -283,17 +300,21 @@ def load(path, device=None, dtype=None, progress=True):
 
 
 def load_tokenizer(path):
-    """The Tokenizer of tokenizer.model in the directory `path`, or beside the file `path`."""
+    """The Tokenizer of tokenizer.model in the directory `path`, or beside the file
+    `path`; of a .gguf file, the tokenizer the file carries."""
     path = Path(path)
-    candidate = (path if path.is_dir() else path.parent) / "tokenizer.model"
-    if not candidate.is_file():
-        raise FileNotFoundError(f"{candidate}: no tokenizer.model for checkpoint {path}")
     from tokenizer import Tokenizer
 
+    if path.is_file() and is_gguf(path):
+        source, proto = path, gguf_format.tokenizer_model(path)
+    else:
+        source, proto = (path if path.is_dir() else path.parent) / "tokenizer.model", None
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: no tokenizer.model for checkpoint {path}")
     try:
-        return Tokenizer(candidate)
+        return Tokenizer(source, proto)
     except ValueError as e:  # not a SentencePiece model, or one without Gemma's pieces
-        raise CheckpointError(f"{candidate}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 # Writing the Hugging Face layout
