@@ -1,11 +1,14 @@
 """Read Gemma, Gemma 2 and Gemma 3 (text) checkpoints, strictly, and write the Hugging Face layout.
 
-Two formats are read:
+Three formats are read:
   - a Hugging Face directory: config.json plus model.safetensors, or shards
     model-0000i-of-0000n.safetensors listed in model.safetensors.index.json
     (of a multimodal Gemma 3, its text tower), read and written by hf_format.py;
   - the official PyTorch release (gemma_pytorch): one .ckpt holding
-    {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj.
+    {"model_state_dict": ...}, no config, q/k/v fused into one qkv_proj;
+  - llama.cpp's .gguf (also Ollama's and LM Studio's), tensors in any type the
+    `gguf` library can dequantize, the config and the tokenizer in its metadata:
+    gguf_format.py.
 
 Checked before any tensor is read, in this order, each failure a CheckpointError
 naming the file (and the tensor or the config field):
@@ -13,7 +16,9 @@ naming the file (and the tensor or the config field):
     library, the format's reference implementation, plus: no name given twice,
     float dtypes only; index shard names must be plain file names in the
     directory), read_ckpt (torch.load(weights_only=True), which never runs code
-    from the file);
+    from the file), gguf_format.read_gguf (the `gguf` library's parser, plus: no
+    read past the end of the file, no tensor given twice, the metadata's widths
+    against the tensors' shapes);
   - check_sizes: the layer count and widths the tensors imply against
     config.json, so that no config can make the loader allocate or spin;
   - build: the config, by its class (every field's type and range), then the
@@ -23,7 +28,8 @@ Then materialize reads the tensors, one at a time. Both formats are memory-mappe
 a tensor already in the wanted dtype on the CPU is used in place (no copy at
 all), any other is converted in chunks whose file pages are released as they
 are done, so peak memory stays near the size of the loaded model
-(benchmarks/load_memory.py).
+(benchmarks/load_memory.py); a quantized GGUF tensor is dequantized 64 MB of rows
+at a time, straight into the loaded model's memory.
 
 Command line: python weights.py convert SRC DST [--max-shard-size 5GB]
 """
@@ -274,7 +280,7 @@ def default_device_and_dtype(device, dtype):
 
 
 def load(path, device=None, dtype=None, progress=True):
-    """A model from a Hugging Face directory or an official .ckpt, in eval mode
+    """A model from a Hugging Face directory, an official .ckpt or a .gguf, in eval mode
     with gradients off (`model.requires_grad_(True)` to train it).
 
     device None: CUDA when available, else CPU; dtype None: bf16 on a CUDA device
@@ -348,7 +354,8 @@ def parse_size(text):
 
 
 def stored_dtype(path):
-    """The dtype of the embedding as stored, so that a conversion keeps it."""
+    """The dtype of the embedding as stored (float32 if block-quantized), so that a
+    conversion keeps it."""
     tensors = read(path)[2]
     return tensors.get("model.embed_tokens.weight", next(iter(tensors.values()))).dtype
 
@@ -356,8 +363,8 @@ def stored_dtype(path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="write a Hugging Face directory from either format")
-    convert.add_argument("src", help="a Hugging Face directory or an official .ckpt")
+    convert = sub.add_parser("convert", help="write a Hugging Face directory from any of the formats")
+    convert.add_argument("src", help="a Hugging Face directory, an official .ckpt or a .gguf")
     convert.add_argument("dst", help="the directory to write")
     convert.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     convert.add_argument("--max-shard-size", default="5GB")
@@ -371,6 +378,8 @@ def main(argv=None):
         model = load(src, device="cpu", dtype=args.dtype or stored_dtype(src))
         tokenizer = (src if src.is_dir() else src.parent) / "tokenizer.model"
         save_hf(model, dst, tokenizer if tokenizer.is_file() else None, parse_size(args.max_shard_size))
+        if src.is_file() and is_gguf(src):  # its tokenizer, as the tokenizer.model it came from
+            (dst / "tokenizer.model").write_bytes(gguf_format.tokenizer_model(src))
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
     print(f"wrote {args.dst}", file=sys.stderr)
