@@ -73,8 +73,9 @@ INTEGER_TYPES = {gguf.GGMLQuantizationType[t] for t in ("I8", "I16", "I32", "I64
 class Reader(gguf.GGUFReader):
     """gguf's reader, strict where it is lenient: it slices the mapped file without
     checking its end (a truncated file becomes short arrays, or a reshape error that
-    names no tensor). Here a read past the end is an error, and one in a tensor's
-    data names the tensor."""
+    names no tensor), and takes each tensor's offset on trust. Here a read past the
+    end is an error, one in a tensor's data names the tensor, and the tensors must
+    tile the data as every writer lays them out."""
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if type(self.data) is np.memmap:
@@ -99,6 +100,15 @@ class Reader(gguf.GGUFReader):
                 raise ValueError(f"tensor {name}: {e}") from None
             tensors += self.tensors
         self.tensors = tensors
+        # Every writer (gguf-py's, ggml's gguf.cpp) lays the data out back to back, each
+        # tensor padded to the alignment. A tensor that starts elsewhere, or ends past the
+        # next one's start, has a type, shape or offset that disagrees with the data.
+        expected = start_offs
+        for t in sorted(tensors, key=lambda t: t.data_offset):
+            if t.data_offset != expected:
+                raise ValueError(f"tensor {t.name}: its data starts at byte {t.data_offset:,}, but the tensors "
+                                 f"before it, by their types and shapes, end at byte {expected:,}")
+            expected += -(-int(t.n_bytes) // self.alignment) * self.alignment
 
 
 def open_gguf(path):
@@ -137,7 +147,8 @@ class Metadata:
             list: type(value) is list,
         }[kind]
         if not ok:
-            raise CheckpointError(f"{self.path}: metadata key {key} = {value!r:.80}: expected a {kind.__name__}")
+            what = {int: "an integer", float: "a finite number", str: "a string", bool: "a boolean", list: "an array"}[kind]
+            raise CheckpointError(f"{self.path}: metadata key {key} = {value!r:.80}: expected {what}")
         return value
 
 

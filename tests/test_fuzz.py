@@ -1,10 +1,11 @@
 """Fuzz: a malformed checkpoint is refused with a CheckpointError naming its file, a valid one loads.
 
 Seeded mutations of copies of both demo checkpoints (checkpoints/ is never
-touched), of a sharded copy of each, and of an official .ckpt synthesized from
-the Gemma 2 demo: config fields set to wrong types, out-of-range and boundary
-values; safetensors headers with bad offsets, shapes, dtypes, lengths and JSON;
-index files; truncated and padded files; tokenizer files. Each outcome is one of
+touched), of a sharded copy of each, of an official .ckpt and of a GGUF file
+synthesized from the Gemma 2 demo: config fields set to wrong types,
+out-of-range and boundary values; safetensors headers with bad offsets, shapes,
+dtypes, lengths and JSON; index files; GGUF metadata, tensor lists and offsets;
+truncated and padded files; tokenizer files. Each outcome is one of
   - "loaded": a model whose logits are finite (the mutation was a valid variation),
   - "refused": a CheckpointError whose message names the checkpoint and the file,
 within 5 seconds; any other exception fails the test. Then the rows of issue 11's
@@ -27,13 +28,17 @@ from safetensors.torch import save_file
 
 import gemma
 import gemma2
+import gguf
 import hf_format
+import transformers
 import weights
+from test_gguf import Q, write_gguf
 from test_weights import official_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMOS = {"gemma": ROOT / "checkpoints" / "gemma-demo", "gemma2": ROOT / "checkpoints" / "gemma2-demo"}
 TOKENS = torch.tensor([[2, 651, 3037, 9, 4095, 17]])  # ids < the demos' vocabulary of 4096
+FILES = {"ckpt": "model.ckpt", "gguf": "model.gguf"}  # the bases that are one file, not a directory
 SECONDS = 5  # per case: the demos load in ~0.05 s; a loader that spins takes minutes
 
 # Values a config field is set to: wrong types, out of range, boundaries.
@@ -124,7 +129,17 @@ def bases(tmp_path_factory):
     model = weights.load(DEMOS["gemma2"], device="cpu", progress=False)
     torch.save({"model_state_dict": official_state_dict(model.state_dict(), model.config)}, out["ckpt"] / "model.ckpt")
     shutil.copy(DEMOS["gemma2"] / "config.json", out["ckpt"])
+    out["gguf"] = root / "gguf"
+    out["gguf"].mkdir()
+    write_gguf(out["gguf"] / "model.gguf", "gemma2", gguf_demo(), Q.Q8_0, tokenizer=DEMOS["gemma2"] / "tokenizer.model")
     return out
+
+
+def gguf_demo(cache={}):
+    """The Gemma 2 demo as transformers holds it, for writing GGUF variants of it."""
+    if not cache:
+        cache["model"] = transformers.AutoModelForCausalLM.from_pretrained(DEMOS["gemma2"], dtype=torch.float32)
+    return cache["model"]
 
 
 # The cases: (name, base, mutate(checkpoint path)); mutate edits the copy. A name
@@ -326,6 +341,78 @@ def ckpt_cases(rng):
             for name, mutate in mutations.items()]
 
 
+def gguf_cases(rng):
+    def rewrite(qtype=Q.Q8_0, **changes):  # the file written again, with changes (test_gguf.write_gguf)
+        return lambda p: write_gguf(p / "model.gguf", "gemma2", gguf_demo(), qtype, tokenizer=DEMOS["gemma2"] / "tokenizer.model", **changes)
+
+    def edit(change):  # the file edited in place, through the library's writable view of it
+        def mutate(p):
+            reader = gguf.GGUFReader(p / "model.gguf", "r+")
+            change(reader, rng.choice(reader.tensors))
+            del reader  # flushes and unmaps
+        return mutate
+
+    def metadata(key, value):
+        return edit(lambda r, t: r.fields[key].parts[-1].__setitem__(0, value))
+
+    raw = lambda change: lambda p: (p / "model.gguf").write_bytes(change((p / "model.gguf").read_bytes()))  # noqa: E731
+    norm = "blk.1.attn_norm.weight"
+    mutations = {
+        "unknown architecture": rewrite(arch="llama"),
+        "gemma3 architecture for gemma2 tensors": rewrite(arch="gemma3"),
+        "a tensor missing": rewrite(skip=["model.layers.2.mlp.up_proj.weight"]),
+        "a norm missing": rewrite(skip=["model.layers.1.input_layernorm.weight"]),
+        "an unknown tensor": rewrite(extra=[("blk.0.attn_qkv.weight", np.zeros((4, 128), np.float32))]),
+        "a misshapen tensor": rewrite(skip=["model.layers.1.input_layernorm.weight"], extra=[(norm, np.ones(64, np.float32))]),
+        "an integer tensor": rewrite(skip=["model.layers.1.input_layernorm.weight"], extra=[(norm, np.ones(128, np.int32))]),
+        "the tied output written out, equal (valid)": rewrite(Q.F32, extra=[("output.weight", gguf_demo().model.embed_tokens.weight.detach().numpy())]),
+        "the output differing from the embedding": rewrite(extra=[("output.weight", np.zeros((4096, 128), np.float32))]),
+        "block_count missing": rewrite(meta={"block_count": None}),
+        "block_count 5": rewrite(meta={"block_count": 5}),
+        "block_count a string": rewrite(meta={"block_count": "4"}),
+        "embedding_length 256": rewrite(meta={"embedding_length": 256}),
+        "feed_forward_length 256": rewrite(meta={"feed_forward_length": 256}),
+        "head_count 8": rewrite(meta={"attention.head_count": 8}),
+        "head_count 0": rewrite(meta={"attention.head_count": 0}),
+        "head_count_kv 1": rewrite(meta={"attention.head_count_kv": 1}),
+        "key_length 64": rewrite(meta={"attention.key_length": 64}),
+        "value_length 16": rewrite(meta={"attention.value_length": 16}),
+        "rms eps missing": rewrite(meta={"attention.layer_norm_rms_epsilon": None}),
+        "rms eps negative": rewrite(meta={"attention.layer_norm_rms_epsilon": -1.0}),
+        "sliding window 0": rewrite(meta={"attention.sliding_window": 0}),
+        "caps missing (valid)": rewrite(meta={"attn_logit_softcapping": None, "final_logit_softcapping": None}),
+        "block_count 10**9 in place": metadata("gemma2.block_count", 10**9),
+        "context_length 0 in place": metadata("gemma2.context_length", 0),
+        "a tensor's data past the end": edit(lambda r, t: t.field.parts[-1].__setitem__(0, 1 << 40)),
+        "a tensor's offset unaligned": edit(lambda r, t: t.field.parts[-1].__setitem__(0, t.field.parts[-1][0] + 1)),
+        "a tensor's type unknown": edit(lambda r, t: t.field.parts[-2].__setitem__(0, 99)),
+        "a tensor's type F16 for F32 data": edit(lambda r, t: t.field.parts[-2].__setitem__(0, 1)),
+        "a tensor's dims doubled": edit(lambda r, t: t.field.parts[3].__setitem__(0, t.field.parts[3][0] * 2)),
+        "a tensor's dims 2**40": edit(lambda r, t: t.field.parts[3].__setitem__(0, 1 << 40)),
+        "magic wrong": raw(lambda b: b"GGUX" + b[4:]),
+        "version 99": raw(lambda b: b[:4] + (99).to_bytes(4, "little") + b[8:]),
+        "header only": raw(lambda b: b[:24]),
+        "truncated in the metadata": raw(lambda b: b[:5000]),
+        "padded (valid)": raw(lambda b: b + b"\0" * 64),
+        "empty": raw(lambda b: b""),
+    }
+    for i, cut in enumerate(sorted(rng.random() for _ in range(8))):  # header, metadata, tensor list, data
+        mutations[f"truncated at {cut:.0%} #{i}"] = raw(lambda b, cut=cut: b[: max(8, int(cut * len(b)))])
+    for i, at in enumerate(sorted(rng.random() for _ in range(6))):
+        mutations[f"a byte flipped at {at:.0%} #{i} (either)"] = raw(lambda b, at=at: b[: int(at * len(b))] + bytes([b[int(at * len(b))] ^ 0xFF]) + b[int(at * len(b)) + 1 :])
+    def element(key, i, value):  # an array's element i: the part field.data points to
+        return edit(lambda r, t: r.fields[key].parts[r.fields[key].data[i]].__setitem__(0, value))
+
+    tokenizer = {
+        "bos id out of range": metadata("tokenizer.ggml.bos_token_id", 10**6),
+        "a token type unknown": element("tokenizer.ggml.token_type", 7, 9),
+        "not SentencePiece": edit(lambda r, t: r.fields["tokenizer.ggml.model"].parts[-1].__setitem__(slice(None), np.frombuffer(b"bpe00", np.uint8))),
+        "unchanged (valid)": lambda p: None,
+    }
+    return ([(f"gguf {name}", "gguf", mutate) for name, mutate in mutations.items()]
+            + [(f"gguf tokenizer {name}", "gguf", mutate) for name, mutate in tokenizer.items()])
+
+
 def tokenizer_cases(rng):
     def raw(change):
         return lambda p: (p / "tokenizer.model").write_bytes(change((p / "tokenizer.model").read_bytes()))
@@ -343,7 +430,7 @@ def tokenizer_cases(rng):
 def all_cases():
     rng = random.Random(11)  # seeded: the same cases, in the same order, every run
     return (config_cases(rng) + raw_config_cases() + header_cases(rng) + index_cases(rng) + ckpt_cases(rng)
-            + tokenizer_cases(rng))
+            + gguf_cases(rng) + tokenizer_cases(rng))
 
 
 def outcome(path, tokenizer):
@@ -375,7 +462,7 @@ def test_every_mutated_checkpoint_is_refused_naming_its_file_or_if_valid_loads_a
         copy = work / "checkpoint"
         shutil.copytree(bases[base], copy)
         mutate(copy)
-        path = copy / "model.ckpt" if base == "ckpt" else copy
+        path = copy / FILES[base] if base in FILES else copy
         start = time.perf_counter()
         try:
             result = outcome(path, tokenizer="tokenizer" in name)

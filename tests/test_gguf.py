@@ -11,8 +11,7 @@ where a Gemma 2 or 3 file says otherwise, so that model is the oracle; where
 transformers reads a file in full, its own reading is compared too.
 """
 
-import io
-import contextlib
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -20,7 +19,6 @@ import pytest
 import sentencepiece.sentencepiece_model_pb2 as sp_model
 import torch
 import transformers
-from pathlib import Path
 
 import generate
 import weights
@@ -57,12 +55,12 @@ def hf_model(family, **fields):
     return hf_causal_lm(family, **{**base, **FIELDS[family], **fields})
 
 
-def tokenizer_arrays():
+def tokenizer_arrays(tokenizer=TOKENIZER):
     """The tokenizer as the converter writes it (_create_vocab_sentencepiece): each
     piece with its score and type; the pieces Gemma's tokenizer_config.json lists
     as added tokens (here: the user-defined ones) as control tokens when they look
     special (<...>), else user-defined with U+2581 turned into a plain space."""
-    proto = sp_model.ModelProto.FromString(TOKENIZER.read_bytes())
+    proto = sp_model.ModelProto.FromString(tokenizer.read_bytes())
     P = proto.SentencePiece
     kinds = {P.NORMAL: 1, P.UNKNOWN: 2, P.CONTROL: 3, P.UNUSED: 5, P.BYTE: 6}
     pieces, scores, types = [], [], []
@@ -75,11 +73,12 @@ def tokenizer_arrays():
     return pieces, scores, types
 
 
-def write_gguf(path, family, model, qtype=Q.F32, meta=None, skip=(), extra=()):
+def write_gguf(path, family, model, qtype=Q.F32, meta=None, skip=(), extra=(), arch=None, tokenizer=TOKENIZER):
     """`model` written as convert_hf_to_gguf.py writes it; `meta` overrides metadata
-    keys (None: leave out), `skip` leaves tensors out, `extra` adds (name, array)."""
+    keys (None: leave out), `skip` leaves tensors out, `extra` adds (name, array),
+    `arch` replaces the architecture's name."""
     c = model.config
-    arch = gguf.MODEL_ARCH_NAMES[ARCH[family]]
+    arch = arch or gguf.MODEL_ARCH_NAMES[ARCH[family]]
     w = gguf.GGUFWriter(path, arch)
     keys = {  # set_gguf_parameters of GemmaModel, Gemma2Model, Gemma3Model
         "context_length": c.max_position_embeddings, "embedding_length": c.hidden_size,
@@ -101,7 +100,7 @@ def write_gguf(path, family, model, qtype=Q.F32, meta=None, skip=(), extra=()):
         if value is not None:
             kind = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}[type(value)]
             w.add_key_value(f"{arch}.{key}", value, kind)
-    pieces, scores, types = tokenizer_arrays()
+    pieces, scores, types = tokenizer_arrays(tokenizer)
     w.add_tokenizer_model("llama")
     w.add_token_list(pieces), w.add_token_scores(scores), w.add_token_types(types)
     w.add_bos_token_id(2), w.add_eos_token_id(1), w.add_unk_token_id(3), w.add_pad_token_id(0)
